@@ -1,0 +1,84 @@
+"""`megavid` entry point: one subcommand per job, each a thin parse-and-call.
+
+Config-driven jobs take config tokens (``experiment=demo model=timesformer_tiny
+train.max_steps=10 extra.yaml``) and a few run-level switches; features add config fields,
+not flags (tests/unit/test_cli.py pins the flag set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from megavid.errors import MegavidError
+
+# subcommand -> ("module:function", help). Config jobs are called as fn(cfg, **run_switches);
+# tool jobs as fn(args) with their own parser in `_TOOL_PARSERS`.
+CONFIG_JOBS: dict[str, tuple[str, str]] = {
+    "make-synthetic": ("megavid.data.synthetic:run_make_synthetic", "generate the moving-shapes dataset and its shards"),
+    "pretrain": ("megavid.tasks.pretrain:run_pretrain", "pretrain (VTC + VTM + MLM)"),
+    "finetune-retrieval": ("megavid.tasks.retrieval:run_finetune_retrieval", "finetune for text-video retrieval"),
+    "finetune-qa": ("megavid.tasks.qa:run_finetune_qa", "finetune for video QA"),
+    "eval-zeroshot": ("megavid.tasks.zeroshot:run_eval_zeroshot", "zero-shot retrieval and multiple-choice QA"),
+    "export-checkpoint": ("megavid.engine.checkpoint:run_export_checkpoint", "write a consolidated fp32 state dict"),
+}
+TOOL_JOBS: dict[str, tuple[str, str]] = {
+    "make-shards": ("megavid.data.make_shards:main", "make validated webdataset shards from videos + annotations"),
+    "verify-shards": ("megavid.data.shards:verify_main", "check every shard, index and stats file"),
+    "info": ("megavid.info:main", "versions, devices and working decode backends"),
+}
+
+
+def _resolve(target: str) -> Callable:
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megavid", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_) in CONFIG_JOBS.items():
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", nargs="*", help="group=name, key.sub=value or file.yaml")
+        s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        s.add_argument("--name", help="run name (run.name)")
+        s.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
+        s.add_argument("--resume", metavar="PATH", help="resume from this checkpoint instead of the latest")
+    for name, (_, help_) in TOOL_JOBS.items():
+        s = sub.add_parser(name, help=help_, add_help=False)
+        s.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command in TOOL_JOBS:
+            rc = _resolve(TOOL_JOBS[ns.command][0])(ns.args)
+            return int(rc or 0)
+        from megavid.config import compose, to_yaml
+
+        tokens = list(ns.config)
+        if ns.name:
+            tokens.append(f"run.name={ns.name}")
+        cfg = compose(tokens)
+        if ns.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        fn = _resolve(CONFIG_JOBS[ns.command][0])
+        fn(cfg, overwrite=ns.overwrite, resume=ns.resume)
+        return 0
+    except MegavidError as e:
+        print(f"megavid {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megavid {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

