@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    # config tokens may come after switches: collect the leftovers that are not flags
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if ns.command in TOOL_JOBS or any(t.startswith("-") for t in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.config = list(ns.config) + extra
     try:
         if ns.command in TOOL_JOBS:
             rc = _resolve(TOOL_JOBS[ns.command][0])(ns.args)

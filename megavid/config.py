@@ -173,8 +173,10 @@ class DataConfig:
     val: str = "val"
     test: str = "test"
     backend: Literal["auto", "pyav", "dali"] = "auto"
-    num_frames: int = 8
-    img_size: int = 64
+    num_frames: int = 0
+    """Frames per clip (0: model.video.num_frames)."""
+    img_size: int = 0
+    """Crop size (0: model.video.img_size)."""
     batch_size: int = 32
     """Micro batch per rank."""
     eval_batch_size: int = 64
@@ -279,6 +281,11 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
+        # data follows the model unless set explicitly
+        if self.data.num_frames == 0:
+            self.data.num_frames = self.model.video.num_frames
+        if self.data.img_size == 0:
+            self.data.img_size = self.model.video.img_size
         if self.data.num_frames != self.model.video.num_frames:
             raise ConfigError(
                 f"data.num_frames={self.data.num_frames} differs from "

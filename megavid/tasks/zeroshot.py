@@ -1,0 +1,232 @@
+"""Zero-shot evaluation: text-video retrieval (VTC, optionally re-ranked by VTM), a temporal
+check (retrieval among clips that differ only in motion direction), and multiple-choice QA.
+
+The metrics themselves are pure tensor functions in ``megavid.eval``; this module encodes a
+split with a model, arranges the tensors, and writes the results JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megavid.config import Config, to_dict
+from megavid.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedSplit:
+    """Features of one split, in dataset order, each sample once."""
+
+    video_feat: torch.Tensor  # [N, P]
+    text_feat: torch.Tensor  # [N, P] (first caption of each sample)
+    keys: list[str]
+    meta: list[dict]
+    video_tokens: torch.Tensor | None = None  # [N, S, Dv] (for VTM re-ranking)
+    text_hidden: torch.Tensor | None = None  # [N, L, Dt]
+    text_mask: torch.Tensor | None = None  # [N, L]
+    extras: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def encode_split(model: nn.Module, loader, task, *, keep_tokens: bool = False) -> EncodedSplit:
+    """Encodes every clip and its first caption. Features stay on the CPU (low-resource safe)."""
+    from megavid.eval.gather import gather_features, gather_objects
+
+    model.eval()
+    vf, tf, toks, hids, masks, keys, metas, valids = [], [], [], [], [], [], [], []
+    for batch in loader:
+        b = task.to_device(batch)
+        tokens, v = model.encode_video(b["video"])
+        hidden, t = model.encode_text(b["input_ids"], b["attention_mask"])
+        vf.append(v.float().cpu())
+        tf.append(t.float().cpu())
+        if keep_tokens:
+            toks.append(tokens.float().cpu())
+            hids.append(hidden.float().cpu())
+            masks.append(b["attention_mask"].cpu())
+        keys += batch["keys"]
+        metas += batch["meta"]
+        valids.append(batch.get("valid", torch.ones(len(batch["keys"]), dtype=torch.bool)))
+    valid = torch.cat(valids)
+    out = EncodedSplit(
+        video_feat=gather_features(torch.cat(vf), valid),
+        text_feat=gather_features(torch.cat(tf), valid),
+        keys=[k for k, ok in zip(gather_objects(keys), gather_objects(valid.tolist())) if ok],
+        meta=[m for m, ok in zip(gather_objects(metas), gather_objects(valid.tolist())) if ok],
+    )
+    if keep_tokens:
+        out.video_tokens = gather_features(torch.cat(toks), valid)
+        out.text_hidden = gather_features(torch.cat(hids), valid)
+        out.text_mask = gather_features(torch.cat(masks), valid)
+    return out
+
+
+def _vtm_score_fn(model: nn.Module, enc: EncodedSplit, device, dtype):
+    """score(query_text_idx [n], cand_video_idx [n]) -> VTM positive logit [n]."""
+
+    @torch.no_grad()
+    def score(ti: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+        logits = model.vtm_logits(
+            enc.text_hidden[ti].to(device, dtype),
+            enc.text_mask[ti].to(device),
+            enc.video_tokens[vi].to(device, dtype),
+        )
+        return logits[:, 1].float().cpu()
+
+    return score
+
+
+def evaluate_retrieval(model: nn.Module, loader, task, *, k_test: int = 0) -> dict[str, Any]:
+    """Zero-shot retrieval on a split: VTC similarities, optionally VTM re-ranking of top-k."""
+    from megavid.eval.metrics import retrieval_metrics, rerank_topk
+
+    enc = encode_split(model, loader, task, keep_tokens=k_test > 0)
+    sim = enc.text_feat @ enc.video_feat.T
+    n = sim.shape[0]
+    t2v = torch.arange(n)
+    metrics = {f"vtc/{k}": v for k, v in retrieval_metrics(sim, t2v).items()}
+    if k_test > 0:
+        reranked = rerank_topk(sim, min(k_test, n), _vtm_score_fn(model, enc, task.device, task.dtype))
+        metrics.update({f"vtm/{k}": v for k, v in retrieval_metrics(reranked, t2v).items()})
+    return {"metrics": metrics, "encoded": enc, "sim": sim}
+
+
+def temporal_check(enc: EncodedSplit, sim: torch.Tensor) -> dict[str, float] | None:
+    """t2v R@1 among clips that share every attribute but the motion direction.
+
+    Returns None when the split has no such groups (not the synthetic dataset)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, m in enumerate(enc.meta):
+        a = m.get("attributes")
+        if not a or "direction" not in a:
+            return None
+        groups[tuple(sorted((k, str(v)) for k, v in a.items() if k != "direction"))].append(i)
+    hits, total, chance = 0, 0, 0.0
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        sub = sim[idx][:, idx]
+        hits += int((sub.argmax(dim=1) == torch.arange(len(idx))).sum())
+        total += len(idx)
+        chance += 1.0  # sum over queries of 1/len(group)
+    if total == 0:
+        return None
+    return {"R@1": 100.0 * hits / total, "chance": 100.0 * chance / total, "queries": total}
+
+
+@torch.no_grad()
+def multiple_choice_qa(model: nn.Module, enc: EncodedSplit, task) -> dict[str, Any] | None:
+    """Zero-shot QA as multiple choice: each candidate answer, phrased as "question answer", is
+    scored against the clip by VTC similarity; accuracy overall and per question type."""
+    from megavid.data.text import tokenize
+    from megavid.eval.qa import multiple_choice_accuracy
+
+    items = [(i, qa) for i, m in enumerate(enc.meta) for qa in m.get("qa", []) if qa.get("choices")]
+    if not items:
+        return None
+    tok = task.tokenizer
+    by_type: dict[str, list] = defaultdict(list)
+    for vi, qa in items:
+        by_type[qa.get("type", "all")].append((vi, qa))
+    results: dict[str, Any] = {}
+    all_scores, all_correct, chance_sum = [], [], 0.0
+    for qtype, group in sorted(by_type.items()):
+        scores, correct = [], []
+        for vi, qa in group:
+            texts = [f"{qa['question']} {c}" for c in qa["choices"]]
+            ids, mask = tokenize(tok, texts, task.cfg.data.max_text_len)
+            _, tf = model.encode_text(ids.to(task.device), mask.to(task.device))
+            scores.append((tf.float().cpu() @ enc.video_feat[vi]).tolist())
+            correct.append(qa["choices"].index(qa["answer"]))
+            chance_sum += 1.0 / len(qa["choices"])
+        acc = multiple_choice_accuracy(scores, correct)
+        results[qtype] = {"accuracy": acc, "chance": 100.0 / len(group[0][1]["choices"]), "n": len(group)}
+        all_scores += scores
+        all_correct += correct
+    results["overall"] = {
+        "accuracy": multiple_choice_accuracy(all_scores, all_correct),
+        "chance": 100.0 * chance_sum / len(all_correct),
+        "n": len(all_correct),
+    }
+    return results
+
+
+def _chance_retrieval(n: int) -> dict[str, float]:
+    return {"R@1": 100.0 / n, "R@5": 100.0 * min(5, n) / n, "R@10": 100.0 * min(10, n) / n,
+            "MedR": (n + 1) / 2}
+
+
+def format_report(result: dict[str, Any]) -> str:
+    m, n = result["metrics"], result["num_samples"]
+    chance = _chance_retrieval(n)
+    lines = [f"zero-shot retrieval on {n} held-out clips (split '{result['split']}')",
+             f"{'':14s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'MedR':>8s}"]
+    for head in ("vtc", "vtm"):
+        for d in ("t2v", "v2t"):
+            if f"{head}/{d}_R@1" in m:
+                lines.append(f"{head + ' ' + d:14s}" + "".join(
+                    f"{m[f'{head}/{d}_{k}']:8.1f}" for k in ("R@1", "R@5", "R@10", "MedR")))
+    lines.append(f"{'chance':14s}" + "".join(f"{chance[k]:8.1f}" for k in ("R@1", "R@5", "R@10", "MedR")))
+    if result.get("temporal"):
+        t = result["temporal"]
+        lines.append(f"temporal check (clips differing only in direction): t2v R@1 "
+                     f"{t['R@1']:.1f} vs chance {t['chance']:.1f} ({t['queries']} queries)")
+    if result.get("qa"):
+        lines.append("zero-shot multiple-choice QA (accuracy vs chance):")
+        for qtype, r in result["qa"].items():
+            lines.append(f"  {qtype:12s} {r['accuracy']:6.1f} vs {r['chance']:5.1f}  (n={r['n']})")
+    return "\n".join(lines)
+
+
+def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
+    """`megavid eval-zeroshot`: evaluates a checkpoint (eval.checkpoint, --resume, or the run's
+    latest) on ``eval.split`` and writes ``<run_dir>/eval/zeroshot_<split>.json``."""
+    from megavid.engine.checkpoint import find_checkpoint, load_model_state
+    from megavid.engine.dist import get_world_info, init_distributed
+    from megavid.eval.results import write_results
+    from megavid.tasks import get_task
+
+    ckpt = resume or cfg.eval.checkpoint or find_checkpoint(cfg.run_dir)
+    if not ckpt:
+        raise CheckpointError(
+            f"no checkpoint to evaluate in {cfg.run_dir}; train first (megavid pretrain ...) "
+            "or pass eval.checkpoint=PATH"
+        )
+    info = get_world_info()
+    if info.world_size > 1:
+        init_distributed()
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    task = get_task(cfg.task.name)(cfg)
+    task.setup(device, torch.float32, info.rank, info.world_size)
+    model = task.build_model()
+    model.load_state_dict(load_model_state(ckpt), strict=True)
+    model.to(device).eval()
+
+    loader = task.build_eval_loader(cfg.eval.split, info.rank, info.world_size)
+    k_test = cfg.eval.k_test if cfg.model.vtm_weight > 0 else 0
+    res = evaluate_retrieval(model, loader, task, k_test=k_test)
+    enc = res["encoded"]
+    result = {
+        "split": cfg.eval.split,
+        "num_samples": len(enc.keys),
+        "metrics": res["metrics"],
+        "chance": _chance_retrieval(len(enc.keys)),
+        "temporal": temporal_check(enc, res["sim"]) if cfg.eval.temporal_check else None,
+        "qa": multiple_choice_qa(model, enc, task),
+    }
+    if info.rank == 0:
+        out = Path(cfg.run_dir) / "eval" / f"zeroshot_{cfg.eval.split}.json"
+        write_results(out, result, to_dict(cfg), ckpt)
+        print(format_report(result))
+        print(f"results: {out}")
+    return result

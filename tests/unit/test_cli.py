@@ -1,0 +1,27 @@
+"""The CLI surface is frozen: features add config fields, not flags (STYLE rule 4)."""
+
+from megavid.cli import CONFIG_JOBS, TOOL_JOBS, build_parser, main
+
+EXPECTED_COMMANDS = {
+    "make-synthetic", "pretrain", "finetune-retrieval", "finetune-qa", "eval-zeroshot",
+    "export-checkpoint", "make-shards", "verify-shards", "info",
+}
+EXPECTED_FLAGS = {"-h", "--help", "--print-config", "--name", "--overwrite", "--resume"}
+
+
+def test_subcommands_are_pinned():
+    assert set(CONFIG_JOBS) | set(TOOL_JOBS) >= EXPECTED_COMMANDS
+
+
+def test_config_job_flags_are_pinned():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in CONFIG_JOBS:
+        flags = {s for a in sub.choices[name]._actions for s in a.option_strings}
+        assert flags == EXPECTED_FLAGS, (name, flags)
+
+
+def test_print_config_applies_name_and_overrides(capsys):
+    assert main(["pretrain", "experiment=demo", "--name", "x1", "train.max_steps=9", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "name: x1" in out and "max_steps: 9" in out
