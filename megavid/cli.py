@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # config tokens may come after switches: collect the leftovers that are not flags
     ns, extra = parser.parse_known_args(argv)
-    if extra:
-        if ns.command in TOOL_JOBS or any(t.startswith("-") for t in extra):
+    if extra and ns.command in TOOL_JOBS:
+        # REMAINDER misses a tool's leading options (`info --shards D`): the tool parses all
+        ns.args = argv[argv.index(ns.command) + 1:]
+    elif extra:
+        if any(t.startswith("-") for t in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.config = list(ns.config) + extra
     try:

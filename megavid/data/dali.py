@@ -1,0 +1,796 @@
+"""NVIDIA DALI video backend: decode clips out of webdataset shards on the CPU or the GPU.
+
+The pipeline, per batch::
+
+    external source (encoded video bytes, frame indices, crop box, flip)   <- megavid, in Python
+      -> fn.decoders.video(frames=...)      CPU: VP8/VP9/MJPEG; "mixed" (NVDEC): + H.264/HEVC/AV1
+      -> fn.resize(roi_start, roi_end)      crop box and resize to img_size^2 in one resampling
+      -> fn.flip(horizontal=...)            caption-aware flip, decided per sample
+      -> fn.transpose(FHWC -> FCHW)         uint8 [B, T, C, H, W]
+
+Why an external source and not ``fn.readers.webdataset``: the reader walks each rank's
+contiguous slice of the samples in file order (or a buffer shuffle of its own), cannot start
+at a cursor and cannot follow megavid's per-epoch permutation from (seed, epoch). The loader
+contract needs both (a resumed run neither repeats nor skips a sample, whatever the world
+size) and needs the frames, crop and flip that the PyAV backend draws from the same per-sample
+generators (:mod:`megavid.data.sampling`, :mod:`megavid.data.transforms`). So megavid plans each
+batch in Python (cheap: a seek and a read per sample, the shard's ``index.jsonl`` gives the
+member offsets; the ``NNNNN.idx`` files describe the same offsets) and DALI does the expensive
+part: decoding, resampling, flipping. ``fn.decoders.video``'s ``frames`` argument takes per-sample
+frame indices, so no frame is decoded into the batch that the clip does not use.
+
+DALI has no per-sample error handling: one corrupt video fails the whole batch, and the
+pipeline is unusable afterwards. :class:`DaliLoader` then decodes the failed batch's samples one
+by one in a 1-sample pipeline of the same kind, names each culprit (shard, key, DALI's message),
+adds it to a :class:`Quarantine` (a JSON file when ``data.quarantine`` or a path is given),
+rebuilds the pipeline and continues from its cursor; a quarantined sample is replaced by the
+sample at the next permutation position, exactly as the PyAV loader replaces a failed one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from megavid.data.loader import VideoTextLoader, build_sample_table
+from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
+from megavid.data.text import build_tokenizer, tokenize
+from megavid.data.transforms import get_random_resized_crop_box, is_flip_safe, sample_texts
+from megavid.errors import ConfigError, DataError
+
+CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+"""Codecs ``fn.decoders.video`` decodes on the CPU (libavcodec inside DALI)."""
+MIXED_CODECS = CPU_CODECS | {"h264", "hevc", "h265", "av1", "mpeg4"}
+"""Codecs the "mixed" backend decodes (NVDEC)."""
+
+PYAV_CLIPS_PER_CORE = 4.2
+"""PyAV decode rate per CPU core (DESIGN.md: 65-71 clips/s with 16 processes, H.264 456x256)."""
+DALI_MIXED_CLIPS_PER_GPU = 12.0
+"""DALI mixed ``fn.decoders.video`` rate per GPU from webdataset tars (DESIGN.md, H100)."""
+
+logger = logging.getLogger("megavid.data")
+
+
+# --------------------------------------------------------------------------------------------
+# Availability and backend choice
+# --------------------------------------------------------------------------------------------
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_dali_version() -> str | None:
+    """The installed DALI version, or None."""
+    try:
+        import nvidia.dali
+    except ImportError:
+        return None
+    return str(nvidia.dali.__version__)
+
+
+def get_shard_codec(shard_dir: str | Path) -> str:
+    """The video codec of a shard folder's samples (from ``index.jsonl``, else the first JSON).
+
+    Args:
+        shard_dir: a folder written by :func:`megavid.data.shards.write_shards`.
+
+    Returns:
+        The lower-case codec name; for a folder mixing codecs, one that DALI's CPU decoder
+        cannot read, if any (the one that constrains the backend).
+
+    Raises:
+        DataError: no sample of the folder records its codec.
+    """
+    from megavid.data.shards import list_shards, read_index, scan_tar
+
+    shard_dir = Path(shard_dir)
+    codecs: set[str] = set()
+    if (shard_dir / "index.jsonl").is_file():
+        codecs = {str(e["codec"]).lower() for e in read_index(shard_dir) if e.get("codec")}
+    if not codecs:
+        tar = list_shards(str(shard_dir))[0]
+        with open(tar, "rb") as f:
+            for _, bundle in scan_tar(tar):
+                for ext, off, size, _name in bundle:
+                    if ext == "json":
+                        f.seek(off)
+                        codec = json.loads(f.read(size)).get("codec")
+                        if codec:
+                            codecs.add(str(codec).lower())
+                break
+    if not codecs:
+        raise DataError(f"no sample in {shard_dir} records its codec; re-create the shards")
+    if len(codecs) > 1 and not codecs <= CPU_CODECS:
+        # mixing e.g. vp9 and h264 is fine for PyAV and mixed DALI, so report the hardest one
+        return sorted(codecs - CPU_CODECS)[0]
+    return sorted(codecs)[0]
+
+
+def select_backend(
+    codec: str,
+    *,
+    has_dali: bool | None = None,
+    has_cuda: bool | None = None,
+    cpu_cores: int | None = None,
+    num_gpus: int | None = None,
+) -> tuple[str, str, str]:
+    """What ``data.backend=auto`` picks for videos of ``codec``, and why.
+
+    Rule, from the decode measurements in DESIGN.md (H100 machine, 16 cores, H.264 456x256,
+    8-frame 224^2 clips): PyAV reaches 65-71 clips/s with 16 processes (~4.2 per core) while
+    DALI's mixed ``fn.decoders.video`` reaches ~12 clips/s per GPU (~85 ms per sample). So a
+    GPU machine uses DALI mixed only when its CPU cores per GPU cannot beat that (fewer than
+    ~3 cores per GPU); without a GPU, DALI's CPU decoder reads only VP8/VP9/MJPEG and measured
+    no faster than PyAV per core (bench/loader_dali.py), so PyAV is the default there too.
+    ``data.backend=dali`` forces DALI.
+
+    Args:
+        codec: the shards' codec ('vp9', 'h264', ...).
+        has_dali: override DALI detection (None: try importing it).
+        has_cuda: override CUDA detection (None: ``torch.cuda.is_available()``).
+        cpu_cores: CPU cores this process may use (None: its affinity mask).
+        num_gpus: GPUs on this machine sharing those cores (None: ``torch.cuda.device_count()``).
+
+    Returns:
+        (backend, dali_device, reason): backend 'dali' or 'pyav'; dali_device 'mixed', 'cpu'
+        or '' for pyav; reason a sentence for ``megavid info`` and logs.
+    """
+    codec = codec.lower()
+    has_dali = dali_available() if has_dali is None else has_dali
+    has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
+    if not has_dali:
+        return "pyav", "", "nvidia-dali is not installed (pip install megavid[dali])"
+    if has_cuda and codec in MIXED_CODECS:
+        cores = cpu_cores if cpu_cores is not None else len(os.sched_getaffinity(0))
+        gpus = max(1, num_gpus if num_gpus is not None else torch.cuda.device_count())
+        pyav_rate = cores / gpus * PYAV_CLIPS_PER_CORE
+        numbers = (f"{cores / gpus:.1f} CPU cores per GPU give PyAV ~{pyav_rate:.0f} clips/s "
+                   f"per GPU vs ~{DALI_MIXED_CLIPS_PER_GPU:.0f} for DALI mixed decoding "
+                   "(DESIGN.md, H.264 456x256)")
+        if pyav_rate < DALI_MIXED_CLIPS_PER_GPU:
+            return "dali", "mixed", f"{numbers}: NVDEC ({codec}) is faster here"
+        return "pyav", "", f"{numbers}: PyAV is faster here (set data.backend=dali to force it)"
+    if has_cuda:
+        return "pyav", "", f"DALI cannot decode {codec} on the GPU; PyAV can"
+    if codec in CPU_CODECS:
+        return ("pyav", "", f"no CUDA GPU: DALI CPU could decode {codec} but is no faster than "
+                "PyAV per core (set data.backend=dali to force it)")
+    return "pyav", "", f"no CUDA GPU and DALI's CPU decoder cannot decode {codec}"
+
+
+def get_dali_device(codec: str, requested: str = "auto") -> str:
+    """The DALI decoder backend ('cpu' or 'mixed') for ``codec``; raise when it cannot work.
+
+    Args:
+        codec: the shards' codec.
+        requested: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed'.
+
+    Raises:
+        DataError: DALI is missing, or the codec cannot be decoded on the requested device.
+    """
+    if not dali_available():
+        raise DataError("data.backend=dali needs nvidia-dali: pip install 'megavid[dali]', "
+                        "or set data.backend=pyav")
+    device = requested
+    if device == "auto":
+        device = "mixed" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "mixed"):
+        raise ConfigError(f"DALI device {requested!r} must be 'auto', 'cpu' or 'mixed'")
+    if device == "mixed" and not torch.cuda.is_available():
+        raise DataError("DALI mixed (GPU) decoding needs a CUDA GPU; none is visible "
+                        "(check CUDA_VISIBLE_DEVICES) or use data.backend=pyav")
+    codec = codec.lower()
+    if device == "cpu" and codec not in CPU_CODECS:
+        raise DataError(
+            f"DALI's CPU video decoder cannot decode {codec} "
+            f"(only {', '.join(sorted(CPU_CODECS))}); "
+            "set data.backend=pyav, run on a GPU, or re-encode the shards as VP9"
+        )
+    if device == "mixed" and codec not in MIXED_CODECS:
+        raise DataError(f"DALI cannot decode {codec}; set data.backend=pyav")
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# Quarantine
+# --------------------------------------------------------------------------------------------
+class Quarantine:
+    """Samples that failed to decode: excluded from every later batch.
+
+    Stored as JSON ``{"samples": [{"shard", "key", "reason", "detail"}, ...]}`` when ``path``
+    is given, read at start (a resumed run skips what the last one found) and rewritten
+    atomically on every addition.
+
+    Args:
+        path: the JSON file (e.g. ``<run_dir>/quarantine.json``); None keeps it in memory.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.samples: list[dict[str, str]] = []
+        if self.path is not None and self.path.is_file():
+            try:
+                self.samples = list(json.loads(self.path.read_text())["samples"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"quarantine file {self.path} is not valid ({e}); delete it "
+                                "to start with an empty quarantine") from e
+        self._keys = {(s["shard"], s["key"]) for s in self.samples}
+
+    def __contains__(self, shard_key: tuple[str, str]) -> bool:
+        return shard_key in self._keys
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def add(self, shard: str, key: str, reason: str, detail: str = "") -> None:
+        """Record one bad sample (no-op if already there) and save."""
+        if (shard, key) in self._keys:
+            return
+        self._keys.add((shard, key))
+        self.samples.append({"shard": shard, "key": key, "reason": reason, "detail": detail})
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps({"samples": self.samples}, indent=1))
+            os.replace(tmp, self.path)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample plan (the same draws as the PyAV backend)
+# --------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class ClipPlan:
+    """Everything DALI needs for one sample, decided in Python from the sample's generators."""
+
+    index: int
+    """Global sample index (line of the split's index)."""
+    shard: str
+    key: str
+    frames: np.ndarray
+    """int32 [T] frame indices (``timestamps_to_indices`` of ``sample_timestamps``)."""
+    roi_start: np.ndarray
+    """float32 [2] (y, x) of the crop box's top-left corner, in source pixels."""
+    roi_end: np.ndarray
+    """float32 [2] (y, x) of the crop box's bottom-right corner."""
+    flip: bool
+
+
+def plan_clip(
+    meta: dict[str, Any],
+    index: int,
+    *,
+    num_frames: int,
+    img_size: int,
+    train: bool,
+    seed: int,
+    epoch: int,
+    random_flip: bool = False,
+    shard: str = "",
+) -> ClipPlan:
+    """Frame indices, crop box and flip of one sample: the draws PyAV's path makes.
+
+    Frames: ``sample_timestamps`` with the sample's "frames" generator, then
+    ``timestamps_to_indices`` (nearest frame, clamped). Box and flip: eval is the short-side
+    resize + centre crop of :func:`megavid.data.transforms.transform_clip` expressed as a box
+    in source pixels (the same sampling grid, resampled once); train draws
+    ``get_random_resized_crop_box`` and then the flip coin from the "augment" generator, in
+    that order, exactly as ``transform_clip`` does.
+
+    Args:
+        meta: the sample JSON (duration, fps, num_frames, width, height, start, end, captions).
+        index: the sample's global index (seeds its generators).
+        num_frames: frames per clip.
+        img_size: output side.
+        train: random draws (True) or deterministic eval choices.
+        seed: run seed.
+        epoch: epoch (seeds train draws).
+        random_flip: ``data.random_flip`` (a flip still needs caption-aware safety).
+        shard: the shard file name, recorded in the plan for error messages.
+    """
+    try:
+        duration, fps = float(meta["duration"]), float(meta["fps"])
+        n_video, height, width = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"sample {meta.get('key')!r}: JSON lacks duration/fps/num_frames/"
+                        f"width/height ({e}); re-create the shards with megavid") from e
+    rng = get_sample_rng(seed, epoch, index, "frames") if train else None
+    ts = sample_timestamps(num_frames, duration, start=meta.get("start"), end=meta.get("end"),
+                           train=train, rng=rng)
+    frames = timestamps_to_indices(ts, fps, n_video).astype(np.int32)
+    flip = False
+    if train:
+        arng = get_sample_rng(seed, epoch, index, "augment")
+        top, left, h, w = get_random_resized_crop_box(height, width, arng)
+        box = (float(top), float(left), float(top + h), float(left + w))
+        # same order of draws as transform_clip: box first, then the coin (always drawn)
+        coin = arng.random() < 0.5
+        flip = bool(coin and random_flip and is_flip_safe(sample_texts(meta)))
+    else:
+        # resize_short_side(size) then center_crop(size), as a box in source pixels
+        if height <= width:
+            new_h, new_w = img_size, max(img_size, int(round(width * img_size / height)))
+        else:
+            new_h, new_w = max(img_size, int(round(height * img_size / width))), img_size
+        top, left = (new_h - img_size) // 2, (new_w - img_size) // 2
+        sy, sx = height / new_h, width / new_w
+        box = (top * sy, left * sx, (top + img_size) * sy, (left + img_size) * sx)
+    return ClipPlan(
+        index=index, shard=shard, key=str(meta.get("key", "")),
+        frames=frames,
+        roi_start=np.array(box[:2], dtype=np.float32),
+        roi_end=np.array(box[2:], dtype=np.float32),
+        flip=flip,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------
+def build_video_pipeline(
+    source: Callable[[Any], tuple],
+    *,
+    batch_size: int,
+    img_size: int,
+    device: str = "cpu",
+    device_id: int | None = None,
+    num_threads: int = 1,
+    prefetch: int = 2,
+    seed: int = 0,
+):
+    """A built DALI pipeline: encoded videos + per-sample plans -> uint8 clips [T, C, S, S].
+
+    Args:
+        source: external-source callback taking ``nvidia.dali.types.BatchInfo`` and returning
+            the batch's (encoded uint8 arrays, int32 frame indices [T], float32 roi_start [2],
+            float32 roi_end [2], int32 flip scalars); raising StopIteration ends the epoch.
+            Batches may be smaller than ``batch_size``.
+        batch_size: the largest batch.
+        img_size: output height and width.
+        device: 'cpu' (no GPU needed) or 'mixed' (NVDEC decode; the output is on the GPU).
+        device_id: the CUDA device of a mixed pipeline (None for CPU pipelines).
+        num_threads: DALI CPU worker threads.
+        prefetch: batches DALI prepares ahead.
+        seed: DALI's own seed (no DALI op here draws random numbers; set for completeness).
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    if device not in ("cpu", "mixed"):
+        raise ConfigError(f"DALI decode device {device!r} must be 'cpu' or 'mixed'")
+    if device == "mixed" and device_id is None:
+        device_id = torch.cuda.current_device()
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads,
+                  device_id=device_id if device == "mixed" else None,
+                  exec_dynamic=True, prefetch_queue_depth=prefetch, seed=seed)
+    def _pipeline():
+        encoded, frames, roi_start, roi_end, flip = fn.external_source(
+            source=source, num_outputs=5, batch=True, batch_info=True,
+            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32],
+        )
+        video = fn.decoders.video(encoded, frames=frames, device=device)  # F, H, W, C
+        # Crop box + resize in one resampling (antialiased, like the torch transforms).
+        video = fn.resize(video, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                          size=[img_size, img_size], antialias=True,
+                          interp_type=types.INTERP_LINEAR)
+        video = fn.flip(video, horizontal=flip)
+        return fn.transpose(video, perm=[0, 3, 1, 2])  # F, C, H, W
+
+    pipe = _pipeline()
+    pipe.build()
+    return pipe
+
+
+def dali_to_torch(out) -> torch.Tensor:
+    """A DALI TensorList of equal-shape samples -> a torch tensor on the same device (copy)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    tensor = out.as_tensor()
+    shape = list(tensor.shape())
+    if type(out).__name__.endswith("GPU"):  # TensorListGPU (mixed pipelines)
+        dst = torch.empty(shape, dtype=torch.uint8,
+                          device=torch.device("cuda", torch.cuda.current_device()))
+        feed_ndarray(tensor, dst, cuda_stream=torch.cuda.current_stream())
+        return dst
+    return torch.from_numpy(np.array(tensor))
+
+
+def iter_dali_reader(
+    spec: str | Path,
+    root: str | Path | None = None,
+    *,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    batch_size: int = 8,
+) -> Iterator[tuple[dict, bytes]]:
+    """(sample JSON, video bytes) of every sample ``fn.readers.webdataset`` assigns to
+    ``shard_id`` of ``num_shards``, read through the shards' ``NNNNN.idx`` files.
+
+    The DALI reader splits the samples into contiguous ranges per shard (not megavid's
+    permuted, resumable order, which is why the loader does not use it); this walks one range
+    once, for checking that DALI reads a shard folder exactly as ``index.jsonl`` describes it
+    (``megavid info --shards``, tests).
+
+    Args:
+        spec: a shard folder, tar, glob or split name (see ``shards.list_shards``).
+        root: dataset root for split names.
+        shard_id: which range (a rank).
+        num_shards: number of ranges (world size).
+        batch_size: reader batch size.
+
+    Raises:
+        DataError: a tar has no ``.idx`` next to it.
+    """
+    from nvidia.dali import fn, pipeline_def
+
+    from megavid.data.shards import list_shards
+
+    tars = list_shards(str(spec), root)
+    index_paths = [t.with_suffix(".idx") for t in tars]
+    missing = [p.name for p in index_paths if not p.is_file()]
+    if missing:
+        raise DataError(f"DALI needs an index per tar; missing {', '.join(missing[:3])}: write "
+                        "them with `wds2idx <tar>` or re-create the shards with megavid")
+
+    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None)
+    def _reader():
+        video, meta = fn.readers.webdataset(
+            paths=[str(t) for t in tars], index_paths=[str(p) for p in index_paths],
+            ext=["webm;mp4", "json"], name="reader", shard_id=shard_id,
+            num_shards=num_shards, pad_last_batch=True, missing_component_behavior="error")
+        return video, meta
+
+    pipe = _reader()
+    pipe.build()
+    total = int(pipe.reader_meta("reader")["epoch_size"])
+    # DALI's split: shard i holds samples [floor(i N / S), floor((i + 1) N / S))
+    count = (shard_id + 1) * total // num_shards - shard_id * total // num_shards
+    done = 0
+    while done < count:
+        videos, metas = pipe.run()
+        for k in range(min(len(videos), count - done)):
+            raw = np.asarray(metas[k]).tobytes()
+            try:
+                meta = json.loads(raw)
+            except ValueError as e:
+                raise DataError(
+                    f"DALI read a JSON member that does not parse ({e}) from "
+                    f"{metas[k].source_info() or spec}: the .idx files do not match the tars; "
+                    "regenerate them (wds2idx) or re-create the shards") from e
+            yield meta, np.asarray(videos[k]).tobytes()
+        done += len(videos)
+
+
+# --------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------
+class _SampleFailed(Exception):
+    """A sample that cannot be used; ``reason`` keys ``loader.failures`` (as in the PyAV loader)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """One batch read and planned in Python, waiting for DALI's output."""
+
+    indices: list[int]
+    valid: list[bool]
+    metas: list[dict]
+    captions: list[str]
+    plans: list[ClipPlan]
+    encoded: list[np.ndarray]
+
+    def dali_inputs(self, sel: slice = slice(None)) -> tuple:
+        plans = self.plans[sel]
+        return (self.encoded[sel], [p.frames for p in plans], [p.roi_start for p in plans],
+                [p.roi_end for p in plans], [np.array(int(p.flip), dtype=np.int32) for p in plans])
+
+
+class _PassSource:
+    """External-source callback of one pipeline: iteration i reads global step
+    ``first_step + i`` of the pass (DALI calls it ahead of consumption, up to ``prefetch``)."""
+
+    def __init__(self, loader: "DaliLoader", perm: np.ndarray, start: int, epoch: int,
+                 first_step: int, steps: int, prepared: dict, lock: threading.Lock) -> None:
+        self.loader, self.perm, self.start, self.epoch = loader, perm, start, epoch
+        self.first_step, self.steps, self.prepared, self.lock = first_step, steps, prepared, lock
+
+    def __call__(self, info) -> tuple:
+        s = self.first_step + info.iteration
+        if s >= self.steps:
+            raise StopIteration
+        p = self.loader._prepare(self.perm, self.start, s, self.epoch)
+        with self.lock:
+            self.prepared[s] = p
+        return p.dali_inputs()
+
+
+class DaliLoader(VideoTextLoader):
+    """Batches of clips decoded by DALI, with megavid's order, cursor, sampling and quarantine.
+
+    A :class:`megavid.data.loader.VideoTextLoader` (the PyAV loader) whose batches are decoded
+    by DALI: it inherits the sample table, permutation, per-rank positions, drop_last / wrap /
+    eval-padding rules, ``__len__``, ``set_epoch``, ``state_dict`` and ``load_state_dict``, so
+    a run can switch backends on resume. The batch contract is the same ("video",
+    "input_ids", "attention_mask", "captions", "keys", "meta", "valid", "indices"); "video" is
+    on the GPU for ``device='mixed'`` (no round trip through host memory; ``normalize_clip``
+    accepts either).
+
+    A sample that fails (unreadable member, bad JSON, no caption: found in Python; a video
+    DALI cannot decode: found by re-decoding the failed batch one sample at a time) is
+    quarantined and replaced by the sample at the next permutation position, as the PyAV loader
+    does; ``data.max_consecutive_failures`` failures in a row raise :class:`DataError`.
+
+    Args:
+        data_cfg: the ``data`` config section.
+        split: 'train', 'val', 'test' (through ``data_cfg.<split>``) or a shard spec.
+        train: random frames/captions/crops/flips, per-epoch shuffling, drop_last.
+        rank: this process's rank.
+        world_size: number of ranks.
+        seed: run seed.
+        epoch: first epoch.
+        device: DALI decoder: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed'.
+        quarantine: a :class:`Quarantine` or the path of its JSON file (None:
+            ``data_cfg.quarantine``, in memory when that is empty).
+        num_threads: DALI CPU threads (None: ``data_cfg.num_workers``, at least 1).
+    """
+
+    def __init__(
+        self,
+        data_cfg,
+        split: str,
+        *,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        device: str = "auto",
+        quarantine: Quarantine | str | Path | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        spec = getattr(data_cfg, split) if split in ("train", "val", "test") else split
+        table = build_sample_table(spec, data_cfg.root)
+        # checks rank/world size and that one global batch fits (same messages as PyAV's)
+        super().__init__(table, data_cfg, split=split, train=train, rank=rank,
+                         world_size=world_size, seed=seed, epoch=epoch)
+        self.codec = get_shard_codec(Path(table.tars[0]).parent)
+        self.device = get_dali_device(self.codec, device)
+        self.device_id = torch.cuda.current_device() if self.device == "mixed" else None
+        self.num_threads = max(1, num_threads or data_cfg.num_workers)
+        self.prefetch = 2
+        if quarantine is None:
+            quarantine = getattr(data_cfg, "quarantine", "") or None
+        self.quarantine = (quarantine if isinstance(quarantine, Quarantine)
+                           else Quarantine(quarantine))
+        self.tokenizer = build_tokenizer(data_cfg.tokenizer)
+
+    # -- reading and planning --------------------------------------------------------------
+    def _where(self, index: int) -> tuple[str, str]:
+        return Path(self.table.tars[int(self.table.tar_id[index])]).name, self.table.keys[index]
+
+    def _read(self, index: int, span: np.ndarray) -> bytes:
+        offset, size = (int(v) for v in span[index])
+        try:
+            with open(self.table.tars[int(self.table.tar_id[index])], "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as e:
+            raise _SampleFailed("read_error", str(e)) from e
+        if len(data) != size:
+            raise _SampleFailed("truncated_shard", f"member ends after {len(data)} of {size} bytes")
+        return data
+
+    def _load(self, index: int, epoch: int) -> tuple[dict, str, ClipPlan, np.ndarray]:
+        """Read and plan one sample: (sample JSON, caption, plan, encoded bytes)."""
+        try:
+            meta = json.loads(self._read(index, self.table.meta))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _SampleFailed("bad_json", str(e)) from e
+        captions = meta.get("captions")
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = [c for c in (captions or []) if isinstance(c, str) and c.strip()]
+        if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
+            captions = [meta["caption"]]
+        if not captions:
+            raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
+        if self.train:  # the PyAV loader's choice: the sample's "caption" generator
+            caption = captions[int(get_sample_rng(self.seed, epoch, index, "caption")
+                                   .integers(len(captions)))]
+        else:
+            caption = captions[0]
+        try:
+            plan = plan_clip(meta, index, num_frames=self.cfg.num_frames,
+                             img_size=self.cfg.img_size, train=self.train, seed=self.seed,
+                             epoch=epoch, random_flip=self.cfg.random_flip,
+                             shard=self._where(index)[0])
+        except DataError as e:
+            raise _SampleFailed("decode_error", str(e)) from e
+        encoded = np.frombuffer(self._read(index, self.table.video), dtype=np.uint8)
+        return meta, caption, plan, encoded
+
+    def _fail(self, index: int, reason: str, detail: str) -> None:
+        shard, key = self._where(index)
+        self.quarantine.add(shard, key, reason, detail)
+        self.failures[reason] += 1
+        logger.warning("DALI loader: quarantined sample %s of shard %s (%s: %s); failures so "
+                       "far: %s", key, shard, reason, detail[:200], dict(self.failures))
+
+    def _prepare(self, perm: np.ndarray, start: int, step: int, epoch: int) -> _Prepared:
+        """This rank's part of global step ``step`` of a pass that started at ``start``:
+        the positions of ``VideoTextLoader``; quarantined or failing samples are replaced by
+        the next permutation position."""
+        n, g, b = self.num_samples, self.global_batch, self.batch_size
+        first = start + step * g + self.rank * b
+        size = b if self.train else max(0, min(b, n - (start + step * g)))
+        out = _Prepared([], [], [], [], [], [])
+        for j in range(size):
+            pos = first + j
+            in_range = pos < n or self._wrap
+            tries = 0
+            while True:
+                index = int(perm[(pos + tries) % n])
+                if self._where(index) not in self.quarantine:
+                    try:
+                        meta, caption, plan, encoded = self._load(index, epoch)
+                        break
+                    except _SampleFailed as e:
+                        self._fail(index, e.reason, str(e))
+                tries += 1
+                if tries >= n:
+                    raise DataError(f"every sample of split '{self.split}' failed or is "
+                                    f"quarantined ({self.quarantine.path or 'in memory'})")
+            out.indices.append(index)
+            out.valid.append(in_range and (self.train or tries == 0))
+            out.metas.append(meta)
+            out.captions.append(caption)
+            out.plans.append(plan)
+            out.encoded.append(encoded)
+        return out
+
+    def _assemble(self, video: torch.Tensor, p: _Prepared) -> dict[str, Any]:
+        input_ids, attention_mask = tokenize(self.tokenizer, p.captions, self.cfg.max_text_len)
+        return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask,
+                "captions": list(p.captions), "keys": [self.table.keys[i] for i in p.indices],
+                "meta": p.metas, "valid": torch.tensor(p.valid, dtype=torch.bool),
+                "indices": torch.tensor(p.indices, dtype=torch.int64)}
+
+    # -- faults ---------------------------------------------------------------------------
+    def _decode_alone(self, p: _Prepared, j: int) -> str | None:
+        """Decode sample ``j`` of a prepared batch in a 1-sample pipeline of the same kind;
+        None if it decodes, else DALI's message."""
+        done: list[int] = []
+
+        def source(info):
+            if done:
+                raise StopIteration
+            done.append(1)
+            return p.dali_inputs(slice(j, j + 1))
+
+        try:
+            pipe = build_video_pipeline(source, batch_size=1, img_size=self.cfg.img_size,
+                                        device=self.device, device_id=self.device_id,
+                                        num_threads=1, prefetch=1)
+            pipe.run()
+        except Exception as e:  # noqa: BLE001 - DALI reports decode failures as RuntimeError
+            return _first_error_line(e)
+        return None
+
+    def _quarantine_culprits(self, batches: list[_Prepared], error: Exception) -> int:
+        """Quarantine the samples of the failed batch (or, failing that, of the batches DALI
+        had prefetched after it) that fail alone. Returns how many."""
+        found = 0
+        for p in batches:
+            for j, index in enumerate(p.indices):
+                if self._where(index) in self.quarantine:
+                    continue
+                problem = self._decode_alone(p, j)
+                if problem is not None:
+                    self._fail(index, "decode_error", problem)
+                    found += 1
+            if found:
+                return found  # the earliest failing batch is the one DALI reported
+        raise DataError(f"DALI failed on a batch but no sample fails alone "
+                        f"({_first_error_line(error)}); set data.backend=pyav")
+
+    # -- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self._plan()  # epoch, start cursor, permutation, steps: fixed for this pass
+        perm, start, steps, epoch = plan.perm, plan.start, plan.steps, plan.epoch
+        step = 0
+        consecutive = 0
+        while step < steps:
+            first_step = step
+            prepared: dict[int, _Prepared] = {}
+            lock = threading.Lock()
+            source = _PassSource(self, perm, start, epoch, first_step, steps, prepared, lock)
+            pipe = build_video_pipeline(
+                source, batch_size=self.batch_size, img_size=self.cfg.img_size,
+                device=self.device, device_id=self.device_id, num_threads=self.num_threads,
+                prefetch=self.prefetch, seed=self.seed)
+            try:
+                while step < steps:
+                    try:
+                        (video,) = pipe.run()
+                    except StopIteration:  # pragma: no cover - the source and `steps` agree
+                        raise RuntimeError("DALI pipeline ended before its last batch") from None
+                    except RuntimeError as e:  # DALI's operator errors; others propagate
+                        with lock:
+                            pending = [prepared[s] for s in sorted(prepared) if s >= step]
+                        consecutive += self._quarantine_culprits(pending, e)
+                        if consecutive >= self.cfg.max_consecutive_failures:
+                            raise DataError(
+                                f"{consecutive} samples in a row failed to decode with DALI "
+                                f"(quarantine: {self.quarantine.path or 'in memory'}); check "
+                                "the shards with `megavid verify-shards`") from e
+                        break  # rebuild the pipeline at `step`, without the culprits
+                    with lock:
+                        p = prepared.pop(step)
+                    consecutive = 0
+                    clip = dali_to_torch(video)
+                    step += 1
+                    self.cursor = start + step * self.global_batch
+                    if not self._wrap:
+                        self.cursor = min(self.cursor, self.num_samples)
+                    yield self._assemble(clip, p)
+            finally:
+                del pipe
+        self._end_of_pass()  # train: next epoch; eval: rewind (as the PyAV loader)
+
+
+def _first_error_line(error: BaseException) -> str:
+    """The informative part of a DALI error, which wraps the cause in the pipeline definition's
+    traceback: the FFmpeg reason ("... due to: Invalid data found ...") when there is one, else
+    the failed assertion, else the last line."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in lines:
+        if "due to" in ln:
+            return ln[ln.rfind("] ") + 2 if "] " in ln else 0:][:300]
+    for ln in lines:
+        if ln.startswith(("Assert", "Failed", "Error while")):
+            return ln[:300]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def build_dali_loader(
+    data_cfg,
+    split: str,
+    *,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    device: str = "auto",
+    quarantine: Quarantine | str | Path | None = None,
+) -> DaliLoader:
+    """The DALI loader of a split: ``build_loader``'s signature plus DALI options.
+
+    Args:
+        data_cfg: the ``data`` config section.
+        split: 'train', 'val', 'test' or a shard spec.
+        train: training mode (random sampling, shuffling, drop_last).
+        rank: this process's rank.
+        world_size: number of ranks.
+        seed: run seed.
+        epoch: first epoch.
+        device: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed'.
+        quarantine: a :class:`Quarantine` or its JSON path (None: ``data_cfg.quarantine``).
+    """
+    return DaliLoader(data_cfg, split, train=train, rank=rank, world_size=world_size,
+                      seed=seed, epoch=epoch, device=device, quarantine=quarantine)
