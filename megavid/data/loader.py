@@ -1,0 +1,604 @@
+"""The resumable, world-size independent video-text loader (``build_loader``).
+
+Design (why resume is exact):
+
+* The split's samples are the lines of its shards' ``index.jsonl`` (N samples, in shard order;
+  a sample's *index* is its line number). Samples are read by seeking into the tar with the
+  member offsets of the index: no sequential tar streaming, so any sample order is possible.
+* Each epoch has a permutation of 0..N-1 drawn from (seed, epoch) (identity for eval or when
+  ``data.shuffle`` is off). The loader state is a GLOBAL cursor: how many permutation positions
+  this epoch has consumed, summed over all ranks.
+* Global step i (counted from the cursor c at which iteration started) takes positions
+  [c + i*G, c + (i+1)*G) with G = B x world_size; rank r takes the contiguous slice
+  [c + i*G + r*B, +B). Worker w of a rank builds that rank's batches w, w+nw, ... and torch's
+  DataLoader yields workers round-robin, so the order never depends on timing.
+* ``state_dict()`` = {"epoch", "cursor", "seed", "num_samples"}. A loader built later, with any
+  world size or worker count, that loads it continues with exactly the positions >= cursor.
+  The cursor only advances when a batch is handed out (prefetched batches do not count).
+* Train drops the tail (``N - cursor < G`` positions) so every rank runs the same number of
+  steps and no collective hangs at the epoch end; with ``data.drop_last=false`` the tail is
+  filled by wrapping around to the start of the permutation instead. Eval visits every sample
+  exactly once: the last step may be short; for world_size > 1 every rank's part of that step is
+  padded to the same size with repeated samples marked ``batch["valid"] = False``, so
+  all-gathers have equal shapes and metrics count each sample once.
+
+Per-sample randomness (frame offsets, caption choice, crop/flip) comes from
+``sampling.get_sample_rng(seed, epoch, index, stream)``: a sample looks the same in every
+worker, rank, world size and decode backend.
+
+Faults: a sample whose members cannot be read, whose JSON is malformed, that has no caption, or
+whose video does not decode is skipped, counted by reason, logged (rate-limited) with its shard
+and key, and replaced by the sample at the next permutation position (deterministic; that sample
+then appears twice this epoch; in eval the stand-in is marked invalid).
+``data.max_consecutive_failures`` failures in a row abort with a :class:`DataError` naming the
+shard. Workers send their failure counts to the main process inside each batch; the loader sums
+them in ``loader.failures``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megavid.config import DataConfig
+from megavid.data import pyav_backend
+from megavid.data.sampling import get_sample_rng, sample_timestamps
+from megavid.data.text import build_tokenizer, get_tokenizer_path, tokenize
+from megavid.data.transforms import is_flip_safe, sample_texts, transform_clip
+from megavid.errors import ConfigError, DataError
+
+logger = logging.getLogger("megavid.data")
+
+SPLITS = ("train", "val", "test")
+_LOG_FIRST = 10  # failures logged individually, then one line every _LOG_EVERY
+_LOG_EVERY = 100
+
+
+# --------------------------------------------------------------------------------------------
+# The sample table
+# --------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class SampleTable:
+    """Where every sample of a split lives, in compact arrays (shared by forked workers).
+
+    Row i is the sample with global index i (index.jsonl order over the split's shards).
+    """
+
+    tars: list[str]
+    """Absolute tar paths; ``tar_id`` indexes this list."""
+    keys: list[str]
+    tar_id: np.ndarray  # int32 [N]
+    video: np.ndarray  # int64 [N, 2]: offset of the data, size
+    meta: np.ndarray  # int64 [N, 2]: offset and size of the sample JSON
+    video_ext: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable:
+    """Read the ``index.jsonl`` of every shard folder that ``spec`` names.
+
+    Args:
+        spec: a split name, shard folder, tar file or glob (see ``shards.list_shards``).
+        root: the dataset root (``data.root``) for split names.
+    """
+    from megavid.data.shards import list_shards, read_index
+
+    tars = list_shards(spec, root)
+    by_dir: dict[Path, set[str]] = {}
+    for t in tars:
+        by_dir.setdefault(t.parent.resolve(), set()).add(t.name)
+    tar_paths: list[str] = []
+    tar_ids: dict[str, int] = {}
+    keys, tar_id, video, meta, exts = [], [], [], [], []
+    for d, names in sorted(by_dir.items()):
+        for e in read_index(d):
+            if e["shard"] not in names:
+                continue  # a glob naming a subset of the folder's shards
+            path = str(d / e["shard"])
+            if path not in tar_ids:
+                tar_ids[path] = len(tar_paths)
+                tar_paths.append(path)
+            members = e["members"]
+            vext = next((x for x in members if x not in ("json", "txt")), None)
+            if vext is None or "json" not in members:
+                raise DataError(f"index entry {e.get('key')!r} of {d}/index.jsonl has no video "
+                                "or json member; re-create the shards")
+            keys.append(e["key"])
+            tar_id.append(tar_ids[path])
+            video.append(members[vext])
+            meta.append(members["json"])
+            exts.append(vext)
+    if not keys:
+        raise DataError(f"the shards of '{spec}' hold no samples (their index.jsonl is empty); "
+                        "re-create them with `megavid make-shards`")
+    return SampleTable(
+        tars=tar_paths, keys=keys, tar_id=np.asarray(tar_id, dtype=np.int32),
+        video=np.asarray(video, dtype=np.int64).reshape(-1, 2),
+        meta=np.asarray(meta, dtype=np.int64).reshape(-1, 2), video_ext=exts,
+    )
+
+
+def get_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's sample order: a permutation drawn from (seed, epoch), or the identity.
+
+    Args:
+        num_samples: N.
+        seed: the run seed.
+        epoch: the epoch.
+        shuffle: False gives 0..N-1.
+    """
+    if not shuffle:
+        return np.arange(num_samples, dtype=np.int64)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch building (runs in the DataLoader workers)
+# --------------------------------------------------------------------------------------------
+class _SampleFailed(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _EpochPlan:
+    """What one pass over the loader reads: fixed when iteration starts."""
+
+    epoch: int
+    start: int  # the global cursor when iteration started
+    perm: np.ndarray
+    steps: int
+    global_batch: int
+    batch_size: int
+    rank: int
+    wrap: bool  # positions >= N wrap around (train without drop_last)
+
+
+class _BatchDataset(Dataset):
+    """Map-style dataset whose item i is this rank's i-th batch of the pass."""
+
+    def __init__(self, table: SampleTable, cfg: DataConfig, plan: _EpochPlan, *, train: bool,
+                 seed: int, decode_fn: Callable, tokenizer: Any) -> None:
+        self.table = table
+        self.cfg = cfg
+        self.plan = plan
+        self.train = train
+        self.seed = seed
+        self.decode_fn = decode_fn
+        self._files: dict[int, int] = {}  # tar_id -> fd, opened lazily in each worker
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return self.plan.steps
+
+    # -- reading ----------------------------------------------------------------------------
+    def _read(self, index: int, which: np.ndarray) -> bytes:
+        tid = int(self.table.tar_id[index])
+        fd = self._files.get(tid)
+        if fd is None:
+            fd = self._files[tid] = os.open(self.table.tars[tid], os.O_RDONLY)
+        offset, size = (int(v) for v in which[index])
+        data = os.pread(fd, size, offset)  # pread: no shared file position between readers
+        if len(data) != size:
+            raise _SampleFailed("truncated_shard", f"member ends after {len(data)} of {size} bytes")
+        return data
+
+    def load_sample(self, index: int, epoch: int) -> tuple[torch.Tensor, str, dict]:
+        """Decode and transform one sample: (uint8 [T, C, H, W], caption, sample JSON)."""
+        cfg = self.cfg
+        try:
+            meta = json.loads(self._read(index, self.table.meta))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _SampleFailed("bad_json", str(e)) from e
+        except OSError as e:
+            raise _SampleFailed("read_error", str(e)) from e
+        captions = meta.get("captions")
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = [c for c in (captions or []) if isinstance(c, str) and c.strip()]
+        if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
+            captions = [meta["caption"]]
+        if not captions:
+            raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
+        if self.train:
+            rng = get_sample_rng(self.seed, epoch, index, "caption")
+            caption = captions[int(rng.integers(len(captions)))]
+        else:
+            caption = captions[0]
+        try:
+            video = self._read(index, self.table.video)
+        except OSError as e:
+            raise _SampleFailed("read_error", str(e)) from e
+        try:
+            duration = float(meta["duration"])
+            ts = sample_timestamps(
+                cfg.num_frames, duration, start=meta.get("start"), end=meta.get("end"),
+                train=self.train,
+                rng=get_sample_rng(self.seed, epoch, index, "frames") if self.train else None)
+            frames = self.decode_fn(video, ts, fps=meta.get("fps") or None,
+                                    num_video_frames=meta.get("num_frames") or None)
+            clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, H, W, C] -> [T, C, H, W]
+            clip = transform_clip(
+                clip, cfg.img_size, train=self.train,
+                rng=get_sample_rng(self.seed, epoch, index, "augment") if self.train else None,
+                allow_flip=cfg.random_flip and is_flip_safe(sample_texts(meta)))
+        except Exception as e:  # noqa: BLE001
+            # Anything a broken file or JSON makes FFmpeg/PyAV/numpy raise is that sample's
+            # fault: count and replace it rather than kill the worker (and the run).
+            raise _SampleFailed("decode_error", f"{type(e).__name__}: {e}") from e
+        return clip, caption, meta
+
+    # -- batches ----------------------------------------------------------------------------
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        plan, n = self.plan, len(self.table)
+        first = plan.start + step * plan.global_batch + plan.rank * plan.batch_size
+        if self.train:
+            size = plan.batch_size
+        else:  # eval: every rank pads to rank 0's part of this step (rank 0's is the largest)
+            size = max(0, min(plan.batch_size, n - (plan.start + step * plan.global_batch)))
+        videos, captions, keys, metas, valid, indices = [], [], [], [], [], []
+        failures: Counter = Counter()
+        failed: list[tuple[str, str, str, str]] = []
+        for j in range(size):
+            pos = first + j
+            in_range = pos < n or plan.wrap
+            tries = 0
+            while True:
+                index = int(plan.perm[(pos + tries) % n])
+                try:
+                    clip, cap, meta = self.load_sample(index, plan.epoch)
+                    break
+                except _SampleFailed as e:
+                    shard = os.path.basename(self.table.tars[self.table.tar_id[index]])
+                    failures[e.reason] += 1
+                    failed.append((e.reason, shard, self.table.keys[index], str(e)[:200]))
+                    tries += 1
+                    if tries >= self.cfg.max_consecutive_failures or tries >= n:
+                        return {"_abort": (
+                            f"{tries} consecutive samples failed to load (last: shard {shard}, "
+                            f"key {self.table.keys[index]}: {e.reason}: {str(e)[:200]}); check "
+                            "the shards with `megavid verify-shards` and re-create them, or "
+                            "raise data.max_consecutive_failures"), "_failures": dict(failures),
+                            "_failed": failed}
+            videos.append(clip)
+            captions.append(cap)
+            keys.append(self.table.keys[index])
+            metas.append(meta)
+            indices.append(index)
+            # an eval stand-in for a failed sample would count another sample twice
+            valid.append(in_range and (self.train or tries == 0))
+        input_ids, attention_mask = tokenize(self.tokenizer, captions, self.cfg.max_text_len)
+        if videos:
+            video = torch.stack(videos)
+        else:
+            video = torch.zeros((0, self.cfg.num_frames, 3, self.cfg.img_size, self.cfg.img_size),
+                                dtype=torch.uint8)
+        return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask,
+                "captions": captions, "keys": keys, "meta": metas,
+                "valid": torch.tensor(valid, dtype=torch.bool),
+                "indices": torch.tensor(indices, dtype=torch.int64),
+                "_failures": dict(failures), "_failed": failed}
+
+    def __del__(self) -> None:
+        for fd in self._files.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@functools.lru_cache(maxsize=4)
+def _get_tokenizer(name: str) -> Any:
+    """One tokenizer per name for all loaders of the process (train, val, test, re-builds):
+    loaders only encode with it, and loading costs ~0.3 s each time."""
+    return build_tokenizer(name)
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch  # items are whole batches already (no default_convert of the meta dicts)
+
+
+def _worker_init(_: int) -> None:
+    # One decode thread per worker: the workers already use the cores.
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------
+class VideoTextLoader:
+    """Batches of decoded clips and tokenized captions for one rank (see the module docstring).
+
+    Iterating yields dicts: "video" uint8 [B, T, C, H, W], "input_ids" / "attention_mask" int64
+    [B, L], "captions", "keys", "meta" (lists), "valid" bool [B] (False marks eval padding),
+    "indices" int64 [B] (global sample indices).
+    """
+
+    def __init__(self, table: SampleTable, data_cfg: DataConfig, *, split: str, train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
+                 decode_fn: Callable = pyav_backend.decode_clip) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank={rank} is not in 0..world_size-1 (world_size={world_size})")
+        self.table = table
+        self.cfg = data_cfg
+        self.split = split
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = epoch
+        self.cursor = 0
+        self.decode_fn = decode_fn
+        # Built in the main process: forked workers inherit it (no per-worker load).
+        self.tokenizer = _get_tokenizer(data_cfg.tokenizer)
+        self.batch_size = data_cfg.batch_size if train else data_cfg.eval_batch_size
+        self.failures: Counter = Counter()
+        self._logged = 0
+        n, g = len(table), self.global_batch
+        if train and data_cfg.drop_last and n < g:
+            raise DataError(
+                f"split '{split}' has {n} samples, fewer than one global batch "
+                f"(data.batch_size={self.batch_size} x {world_size} ranks = {g}); lower "
+                "data.batch_size or add data")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.table)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def _wrap(self) -> bool:
+        return self.train and not self.cfg.drop_last
+
+    def _steps_from(self, cursor: int) -> int:
+        left = max(0, self.num_samples - cursor)
+        if self.train and self.cfg.drop_last:
+            return left // self.global_batch
+        return -(-left // self.global_batch)
+
+    def __len__(self) -> int:
+        """Batches per full epoch per rank (a resumed pass yields only the remaining ones)."""
+        return self._steps_from(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning, unless it is already the current epoch
+        (then the cursor, e.g. restored by ``load_state_dict``, is kept)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.cursor = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "cursor", "seed", "num_samples"}: the position after the batches handed
+        out so far (independent of world size and workers)."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+                "num_samples": self.num_samples}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        """Continue from a saved position (any world size and worker count).
+
+        Raises:
+            DataError: the state was saved over a different number of samples.
+        """
+        if int(sd["num_samples"]) != self.num_samples:
+            raise DataError(
+                f"loader state was saved over {sd['num_samples']} samples but split "
+                f"'{self.split}' now has {self.num_samples}; resume with the same shards or "
+                "start a new run")
+        if int(sd["seed"]) != self.seed:
+            logger.warning("loader state seed %s differs from seed %s: keeping the saved one so "
+                           "the epoch's order continues", sd["seed"], self.seed)
+        self.seed = int(sd["seed"])
+        self.epoch = int(sd["epoch"])
+        self.cursor = int(sd["cursor"])
+
+    def _plan(self) -> _EpochPlan:
+        return _EpochPlan(
+            epoch=self.epoch, start=self.cursor,
+            perm=get_permutation(self.num_samples, self.seed, self.epoch,
+                                 self.train and self.cfg.shuffle),
+            steps=self._steps_from(self.cursor), global_batch=self.global_batch,
+            batch_size=self.batch_size, rank=self.rank, wrap=self._wrap)
+
+    def _record(self, batch: dict[str, Any]) -> None:
+        self.failures.update(batch.pop("_failures"))
+        for reason, shard, key, detail in batch.pop("_failed"):
+            self._logged += 1
+            if self._logged <= _LOG_FIRST or self._logged % _LOG_EVERY == 0:
+                logger.warning("skipped sample %s in shard %s (%s: %s); %d skipped so far: %s",
+                               key, shard, reason, detail, self._logged, dict(self.failures))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self._plan()
+        if plan.steps == 0:
+            self._end_of_pass()
+            return
+        dataset = _BatchDataset(self.table, self.cfg, plan, train=self.train, seed=self.seed,
+                                decode_fn=self.decode_fn, tokenizer=self.tokenizer)
+        nw = self.cfg.num_workers
+        loader = DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=nw, collate_fn=_identity,
+            worker_init_fn=_worker_init if nw > 0 else None, persistent_workers=False)
+        # The DataLoader hands item i to worker i % nw and yields items in index order (its
+        # default in-order delivery), so the batch sequence never depends on worker timing.
+        n = self.num_samples
+        for step, batch in enumerate(loader):
+            if "_abort" in batch:
+                self._record(batch)
+                raise DataError(batch["_abort"])
+            self._record(batch)
+            self.cursor = plan.start + (step + 1) * plan.global_batch
+            if not plan.wrap:
+                self.cursor = min(self.cursor, n)
+            yield batch
+        self._end_of_pass()
+
+    def _end_of_pass(self) -> None:
+        # A finished train pass moves to the next epoch (a trainer that calls set_epoch(e + 1)
+        # afterwards finds it there); an eval pass rewinds so the split can be evaluated again.
+        if self.train:
+            self.epoch += 1
+        self.cursor = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Builders and backends
+# --------------------------------------------------------------------------------------------
+def _split_spec(data_cfg: DataConfig, split: str) -> str:
+    if split in SPLITS:
+        return getattr(data_cfg, split)
+    return split  # a folder / glob given directly
+
+
+def build_pyav_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
+                      world_size: int = 1, seed: int = 0, epoch: int = 0) -> VideoTextLoader:
+    """The PyAV (CPU) loader over the shards of ``split``; see :func:`build_loader`."""
+    get_tokenizer_path(data_cfg.tokenizer)  # a config error before the index is read
+    table = build_sample_table(_split_spec(data_cfg, split), data_cfg.root)
+    return VideoTextLoader(table, data_cfg, split=split, train=train, rank=rank,
+                           world_size=world_size, seed=seed, epoch=epoch)
+
+
+def _build_dali(data_cfg: DataConfig, split: str, **kw: Any) -> Any:
+    try:
+        from megavid.data.dali import build_dali_loader
+    except ImportError as e:
+        raise ConfigError(
+            f"data.backend=dali but the DALI backend cannot be imported ({e}); install "
+            "megavid[dali] or set data.backend=pyav") from e
+    return build_dali_loader(data_cfg, split, **kw)
+
+
+LOADER_BACKENDS: dict[str, Callable[..., Any]] = {"pyav": build_pyav_loader, "dali": _build_dali}
+"""data.backend -> builder with ``build_loader``'s signature. ``megavid.data.dali`` provides
+``build_dali_loader(data_cfg, split, *, train, rank, world_size, seed, epoch)`` returning a loader
+with the same contract (batches, set_epoch, state_dict, failures)."""
+
+
+def get_backend(name: str, data_cfg: DataConfig | None = None, split: str = "train"
+                ) -> Callable[..., Any]:
+    """The loader builder of a decode backend.
+
+    'auto' asks ``megavid.data.dali.select_backend`` with the split's codec (DALI "mixed" on
+    a CUDA machine for codecs NVDEC reads; PyAV otherwise, e.g. everywhere without a GPU) and
+    falls back to PyAV when the DALI module or its loader is missing.
+
+    Args:
+        name: 'auto', 'pyav' or 'dali'.
+        data_cfg: needed for 'auto' (to find the split's codec).
+        split: the split whose codec decides 'auto'.
+    """
+    if name == "auto":
+        name = _resolve_auto(data_cfg, split) if data_cfg is not None else "pyav"
+    if name not in LOADER_BACKENDS:
+        raise ConfigError(f"data.backend={name!r} is unknown; valid: auto, "
+                          f"{', '.join(LOADER_BACKENDS)}")
+    return LOADER_BACKENDS[name]
+
+
+def _resolve_auto(data_cfg: DataConfig, split: str) -> str:
+    try:
+        from megavid.data import dali
+    except ImportError:
+        return "pyav"
+    if not all(hasattr(dali, f) for f in ("build_dali_loader", "select_backend",
+                                          "get_shard_codec")):
+        return "pyav"
+    from megavid.data.shards import list_shards
+
+    shard_dir = list_shards(_split_spec(data_cfg, split), data_cfg.root)[0].parent
+    backend, _, reason = dali.select_backend(dali.get_shard_codec(shard_dir))
+    logger.info("data.backend=auto -> %s (%s)", backend, reason)
+    return backend if backend in LOADER_BACKENDS else "pyav"
+
+
+def build_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, epoch: int = 0) -> Any:
+    """The loader of one split for one rank, from config.
+
+    Args:
+        data_cfg: the ``data`` config section (backend, shards, sizes, workers, ...).
+        split: 'train', 'val' or 'test' (resolved through ``data_cfg.<split>``), or a shard spec.
+        train: training order and augmentation (shuffle, random frames/captions/crops,
+            drop_last) or evaluation (identity order, centre frames, first caption, every
+            sample once with ``batch["valid"]``).
+        rank: this process's rank.
+        world_size: number of ranks.
+        seed: run seed (permutation and per-sample randomness).
+        epoch: the epoch to start in.
+
+    Returns:
+        A loader: iterable of batches, ``__len__``, ``set_epoch``, ``state_dict``,
+        ``load_state_dict``, ``failures``.
+    """
+    if data_cfg.name == "synthetic":
+        return SyntheticLoader(data_cfg, train=train, rank=rank, world_size=world_size,
+                               seed=seed, epoch=epoch)
+    if data_cfg.name != "shards":
+        raise ConfigError(f"data.name={data_cfg.name!r} is unknown; valid: shards, synthetic")
+    return get_backend(data_cfg.backend, data_cfg, split)(data_cfg, split, train=train, rank=rank,
+                                         world_size=world_size, seed=seed, epoch=epoch)
+
+
+class SyntheticLoader:
+    """Random clips and fixed captions, no files (``data.name=synthetic``): for engine tests
+    and throughput runs without decoding. Same batch contract and state API; 64 batches/epoch."""
+
+    steps_per_epoch = 64
+
+    def __init__(self, data_cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch: int = 0) -> None:
+        self.cfg = data_cfg
+        self.train = train
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.batch_size = data_cfg.batch_size if train else data_cfg.eval_batch_size
+        self.cursor = 0
+        self.failures: Counter = Counter()
+        self._tokenizer = _get_tokenizer(data_cfg.tokenizer)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.cursor = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+                "num_samples": self.steps_per_epoch * self.batch_size * self.world_size}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.epoch, self.cursor, self.seed = int(sd["epoch"]), int(sd["cursor"]), int(sd["seed"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        b, g, c = self.batch_size, self.batch_size * self.world_size, self.cfg
+        while self.cursor < self.steps_per_epoch * g:
+            first = self.cursor + self.rank * b
+            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, first)) % 2**62)
+            video = torch.randint(0, 256, (b, c.num_frames, 3, c.img_size, c.img_size),
+                                  dtype=torch.uint8, generator=gen)
+            captions = [f"synthetic clip {first + j}" for j in range(b)]
+            ids, mask = tokenize(self._tokenizer, captions, c.max_text_len)
+            self.cursor += g
+            yield {"video": video, "input_ids": ids, "attention_mask": mask,
+                   "captions": captions, "keys": [f"syn{first + j}" for j in range(b)],
+                   "meta": [{} for _ in range(b)], "valid": torch.ones(b, dtype=torch.bool),
+                   "indices": torch.arange(first, first + b)}
+        if self.train:
+            self.epoch += 1
+        self.cursor = 0
