@@ -130,6 +130,9 @@ class ModelConfig:
     """Initial VTC temperature (learnable)."""
     attn_impl: Literal["sdpa", "math"] = "sdpa"
     """'sdpa': torch scaled_dot_product_attention; 'math': plain reference path."""
+    kernel_impl: Literal["torch", "triton", "apex", "auto"] = "torch"
+    """Fused kernels (megavid.kernels: add+LayerNorm, bias+GELU, divided space-time attention):
+    'torch' (off), 'triton', 'apex' (LayerNorm only), 'auto' (Triton on CUDA, else torch)."""
     grad_checkpointing: int = 0
     """Activation checkpointing every N blocks in both towers (0: off)."""
     vtc_weight: float = 1.0
@@ -138,6 +141,14 @@ class ModelConfig:
     mlm_probability: float = 0.15
     num_answers: int = 0
     """Size of the QA answer vocabulary (0: no QA head)."""
+    qa_weight: float = 1.0
+    """Weight of the QA loss (used when the batch carries answer labels)."""
+    mask_token_id: int = 103
+    """[MASK] id of the tokenizer, for MLM (103 in the uncased BERT / MiniLM vocabulary)."""
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    """[PAD]/[CLS]/[SEP] ids: never masked by MLM."""
     text_weights: str = ""
     """Optional HF BertModel checkpoint (folder, .safetensors or .bin) for the text tower."""
     video_weights: str = ""
@@ -188,6 +199,9 @@ class DataConfig:
     drop_last: bool = True
     max_consecutive_failures: int = 16
     """Abort when this many samples in a row fail to decode."""
+    quarantine: str = ""
+    """DALI backend: JSON file of samples that failed to decode (read at start, extended on
+    each failure, e.g. ``runs/<name>/quarantine.json``); '' keeps the list in memory."""
     random_flip: bool = False
     """Horizontal flip in training (caption-aware: clips whose caption says left/right are
     not flipped)."""
@@ -238,6 +252,10 @@ class TrainConfig:
     tensorboard: bool = True
     max_train_samples: int = 0
     max_eval_samples: int = 0
+    best_metric: str = ""
+    """Eval metric that picks the best checkpoint (kept beside the last K; '' = none)."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or smaller ``best_metric`` is better."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
