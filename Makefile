@@ -16,6 +16,15 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
+	@# multi-node launcher tests (tests/distributed/launchers): sshd + pdsh + ip inside network namespaces
+	@missing=""; test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v pdsh >/dev/null || missing="$$missing pdsh"; command -v ip >/dev/null || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (Debian packages)"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "note: missing$$missing (needs root + apt-get); multi-node launcher tests will skip"; fi; \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)

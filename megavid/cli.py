@@ -28,6 +28,7 @@ TOOL_JOBS: dict[str, tuple[str, str]] = {
     "make-shards": ("megavid.data.make_shards:main", "make validated webdataset shards from videos + annotations"),
     "verify-shards": ("megavid.data.shards:verify_main", "check every shard, index and stats file"),
     "info": ("megavid.info:main", "versions, devices and working decode backends"),
+    "launch": ("megavid.launch:main", "multi-node launch: check-hostfile, deepspeed, torchrun, slurm, make-sbatch"),
 }
 
 

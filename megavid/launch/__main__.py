@@ -1,0 +1,7 @@
+"""``python -m megavid.launch``."""
+
+import sys
+
+from megavid.launch.cli import main
+
+sys.exit(main())
