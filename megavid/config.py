@@ -128,6 +128,8 @@ class ModelConfig:
     """Dimension of the VTC projection space."""
     temperature: float = 0.07
     """Initial VTC temperature (learnable)."""
+    text_pool: Literal["cls", "mean"] = "cls"
+    """Text feature for VTC: the [CLS] state (BERT/ALPRO) or the masked token mean (MiniLM)."""
     attn_impl: Literal["sdpa", "math"] = "sdpa"
     """'sdpa': torch scaled_dot_product_attention; 'math': plain reference path."""
     kernel_impl: Literal["torch", "triton", "apex", "auto"] = "torch"

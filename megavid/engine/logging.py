@@ -1,0 +1,190 @@
+"""Run-directory logging: metrics.jsonl, tensorboard scalars, rank-0 progress bar, per-rank logs,
+the resolved config.yaml and env.json.
+
+Only rank 0 writes metrics; every rank writes its own ``logs/rank<R>.log``. Debug mode writes
+nothing to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megavid.config import Config, to_yaml
+
+log = logging.getLogger("megavid.engine")
+
+
+def setup_rank_logging(run_dir: Path | None, rank: int, level: int = logging.INFO) -> None:
+    """Log megavid's messages to ``<run_dir>/logs/rank<R>.log`` (and stderr on rank 0).
+
+    Args:
+        run_dir: the run directory (None: stderr only, e.g. debug mode).
+        rank: this process's global rank.
+        level: logging level.
+    """
+    root = logging.getLogger("megavid")
+    root.setLevel(level)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    for h in list(root.handlers):
+        if getattr(h, "_megavid", False):
+            root.removeHandler(h)
+            h.close()
+    if run_dir is not None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+        fh.setFormatter(fmt)
+        fh._megavid = True  # type: ignore[attr-defined]
+        root.addHandler(fh)
+    if rank == 0:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        sh.setLevel(logging.WARNING)  # the progress bar shows the rest
+        sh._megavid = True  # type: ignore[attr-defined]
+        root.addHandler(sh)
+
+
+def get_env_info(world_info: Any = None, extra: dict | None = None) -> dict:
+    """Versions, devices and world layout, for ``env.json``."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "deepspeed", "transformers", "timm", "webdataset", "av", "nvidia-dali-cuda130",
+                "numpy", "megavid"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "versions": versions,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_count": os.cpu_count(),
+    }
+    if world_info is not None:
+        info["world"] = world_info.to_dict() if hasattr(world_info, "to_dict") else dict(world_info)
+    if extra:
+        info.update(extra)
+    return info
+
+
+def save_run_files(cfg: Config, run_dir: Path, env_info: dict, ds_config: dict | None = None) -> None:
+    """Write ``config.yaml`` (resolved), ``env.json`` and ``deepspeed_config.json`` (rank 0 only).
+
+    Args:
+        cfg: the resolved config.
+        run_dir: the run directory.
+        env_info: from :func:`get_env_info`.
+        ds_config: the DeepSpeed config in use.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "env.json").write_text(json.dumps(env_info, indent=2, default=str) + "\n")
+    if ds_config is not None:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+
+class MetricsLogger:
+    """Rank-0 sink for scalars: metrics.jsonl, tensorboard and a tqdm progress bar.
+
+    Args:
+        run_dir: the run directory (None: no files, e.g. debug mode).
+        rank: global rank (only rank 0 writes or shows anything).
+        total_steps: optimizer steps of the run (progress bar length).
+        start_step: step the run starts from (resume).
+        tensorboard: write tensorboard scalars under ``<run_dir>/tb``.
+        progress: show the tqdm bar.
+    """
+
+    def __init__(self, run_dir: Path | None, rank: int, total_steps: int, start_step: int = 0,
+                 *, tensorboard: bool = True, progress: bool = True) -> None:
+        self.active = rank == 0
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not self.active:
+            return
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # append: a resumed run continues the same file (steps after the checkpoint repeat,
+            # readers keep the last record of each step)
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                             disable=not sys.stderr.isatty() and os.environ.get("MEGAVID_PROGRESS") != "1")
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        """Record scalars of one optimizer step.
+
+        Args:
+            step: optimizer step (1-based: the number of updates done).
+            metrics: name -> value; non-numbers are kept in the JSONL only.
+            prefix: tensorboard tag prefix ('train', 'eval').
+        """
+        if not self.active:
+            return
+        record = {"step": step, "split": prefix, **metrics}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record, default=_jsonable) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self._bar is not None and prefix == "train":
+            shown = {k: metrics[k] for k in ("loss", "lr", "samples_per_s") if k in metrics}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    return str(x)
+
+
+def read_metrics(path: Path | str, split: str = "train") -> dict[int, dict]:
+    """step -> last record of that step in a metrics.jsonl (later records win, as after a resume).
+
+    Args:
+        path: metrics.jsonl or a run directory.
+        split: 'train' or 'eval'.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    out: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("split") == split:
+                out[rec["step"]] = rec
+    return out

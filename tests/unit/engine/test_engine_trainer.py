@@ -1,0 +1,139 @@
+"""Single-process Trainer (the demo's path): DeepSpeed ZeRO-2 bf16 on CPU, run-dir artefacts read
+back with independent readers (tensorboard's EventAccumulator, yaml), resume, debug mode,
+SIGTERM -> checkpoint and clean exit. Each case runs in a fresh process (a process group is
+process-wide state)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from megavid_toy import ToyModel
+
+from megavid.engine.checkpoint import load_exported
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[3]
+DRIVER = Path(__file__).resolve().parent / "trainer_driver.py"
+
+
+def _env() -> dict:
+    # no MASTER_PORT: a lone process picks a free port (no clash with parallel sessions)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(k, None)
+    return env
+
+
+def _drive(runs: list[dict]) -> list[dict]:
+    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(runs)], env=_env(), cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
+    base = [f"run.output_dir={tmp_path}", "data.batch_size=8", "train.zero_stage=2", "train.precision=bf16",
+            "train.log_every=2", "optim.lr=1e-2", "optim.warmup_steps=2", "train.ckpt_every=3", "train.keep_last=2"]
+    results = _drive([
+        {"overrides": base + ["run.name=a", "train.max_steps=8", "train.grad_accum=2"], "overwrite": True},
+        # same run dir, more steps: resumes from step 8 (latest) and continues to 10
+        {"overrides": base + ["run.name=a", "train.max_steps=10", "train.grad_accum=2"], "probe": True},
+        # `megavid export-checkpoint` on the run (ZeRO-2 bf16 shards -> fp32), then again without --overwrite
+        {"cli": ["export-checkpoint", "model=timesformer_tiny", f"run.output_dir={tmp_path}", "run.name=a"]},
+        {"cli": ["export-checkpoint", "model=timesformer_tiny", f"run.output_dir={tmp_path}", "run.name=a"]},
+        # a different global batch cannot resume silently
+        {"overrides": base + ["run.name=a", "train.max_steps=12", "train.grad_accum=1"], "expect_error": True},
+        {"overrides": base + ["run.name=dbg", "run.debug=true", "train.max_steps=50"], "overwrite": True},
+        # eval every 2 steps; the scripted score peaks at step 4, which survives keep_last=1
+        {"overrides": [f"run.output_dir={tmp_path}", "run.name=best", "data.batch_size=8", "train.max_steps=8",
+                       "train.eval_every=2", "train.keep_last=1", "train.ckpt_every=2", "train.best_metric=score",
+                       "train.tensorboard=false"],
+         "overwrite": True, "task": {"eval_scores": [0.1, 0.5, 0.3, 0.2]}},
+    ])
+    first, resumed, export_rc, export_again_rc, mismatch, debug, best = results
+    assert first["summary"]["step"] == 8 and first["summary"]["nonfinite_skipped"] == 0
+    run = tmp_path / "a"
+    # checkpoints: every 3 steps + the end, last 2 kept, `latest` names the newest
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_10", "step_9"]  # 3, 6, 8 (end), 9, 10 (end) saved; 2 kept
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_10"
+    assert resumed["summary"]["step"] == 10
+    m = [r for r in _metrics(run) if r["split"] == "train"]
+    assert [r["step"] for r in m] == [2, 4, 6, 8, 10]  # the resumed run continued, not restarted
+    assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100 and r["grad_norm"] > 0 for r in m)
+    assert m[-1]["loss"] < m[0]["loss"]
+    assert "mfu" not in m[0]  # no MFU on CPU
+    assert m[0]["lr"] == pytest.approx(1e-2)  # warmup 2 steps: step 2 used the full lr
+    # resolved config and environment, read back independently
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 10 and saved["train"]["precision"] == "bf16"
+    env = json.loads((run / "env.json").read_text())
+    assert env["world"]["world_size"] == 1 and env["versions"]["deepspeed"]
+    ds = json.loads((run / "deepspeed_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["bf16"]["enabled"]
+    assert (run / "logs" / "rank0.log").is_file()
+    # tensorboard scalars, read with tensorboard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_pct",
+            "train/peak_memory_gib"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10]
+    # exported fp32 weights in a fresh model reproduce the engine (which ran in bf16)
+    assert export_rc["rc"] == 0 and export_again_rc["rc"] == 2  # exists: needs --overwrite
+    sd = load_exported(run)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    model = ToyModel()
+    model.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        out = model(torch.randn(4, 16, generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(out, torch.tensor(resumed["probe_out"]), rtol=0.05, atol=0.05)
+    assert "global batch 16" in mismatch["error"] and "train.grad_accum" in mismatch["error"]
+    assert debug["summary"]["step"] == 3  # debug: a tiny run ...
+    assert not (tmp_path / "dbg").exists()  # ... that leaves nothing behind
+    assert best["summary"]["eval"]["score"] == 0.2 and 0.0 <= best["summary"]["eval"]["acc"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "best" / "checkpoints").glob("step_*")) == ["step_4", "step_8"]
+    assert (tmp_path / "best" / "checkpoints" / "best").read_text().strip() == "step_4"
+    evals = [r for r in _metrics(tmp_path / "best") if r["split"] == "eval"]
+    assert [(r["step"], r["score"]) for r in evals] == [(2, 0.1), (4, 0.5), (6, 0.3), (8, 0.2)]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    runs = [{"overrides": [f"run.output_dir={tmp_path}", "run.name=t", "data.batch_size=8", "train.precision=fp32",
+                           "train.max_steps=100000", "train.log_every=1", "train.tensorboard=false"],
+             "overwrite": True, "task": {"num_samples": 64}}]
+    proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(runs)], env=_env(), cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])["summary"]
+    assert summary["interrupted"] == "SIGTERM"
+    step = summary["step"]
+    assert 3 <= step < 100000
+    assert (tmp_path / "t" / "checkpoints" / f"step_{step}").is_dir()
+    assert (tmp_path / "t" / "checkpoints" / "latest").read_text().strip() == f"step_{step}"
+    assert summary["epoch"] == (step - 1) // 8  # 64 samples / batch 8 = 8 steps per epoch
