@@ -23,6 +23,11 @@ CONFIG_JOBS: dict[str, tuple[str, str]] = {
     "finetune-qa": ("megavid.tasks.qa:run_finetune_qa", "finetune for video QA"),
     "eval-zeroshot": ("megavid.tasks.zeroshot:run_eval_zeroshot", "zero-shot retrieval and multiple-choice QA"),
     "export-checkpoint": ("megavid.engine.checkpoint:run_export_checkpoint", "write a consolidated fp32 state dict"),
+    "finetune-cls": ("megavid.tasks.classification:run_finetune_cls", "finetune video classification (top-k or mAP)"),
+    "eval-zeroshot-cls": ("megavid.tasks.classification:run_eval_zeroshot_cls", "zero-shot classification from class-name prompts"),
+    "linear-probe": ("megavid.tasks.linear_probe:run_linear_probe", "linear probe of frozen video features (L2 sweep)"),
+    "extract-features": ("megavid.tasks.features:run_extract_features", "write a split's video and text features to files"),
+    "eval-egocentric": ("megavid.tasks.egocentric:run_eval_egocentric", "EK-100 multi-instance retrieval and EgoMCQ"),
 }
 TOOL_JOBS: dict[str, tuple[str, str]] = {
     "make-shards": ("megavid.data.make_shards:main", "make validated webdataset shards from videos + annotations"),
@@ -47,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--name", help="run name (run.name)")
         s.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
         s.add_argument("--resume", metavar="PATH", help="resume from this checkpoint instead of the latest")
+        # the DeepSpeed launcher appends --local_rank=N; rank info is read from the environment
+        s.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     for name, (_, help_) in TOOL_JOBS.items():
         s = sub.add_parser(name, help=help_, add_help=False)
         s.add_argument("args", nargs=argparse.REMAINDER)

@@ -68,6 +68,10 @@ class VideoTextTask:
     def build_train_loader(self, rank: int, world_size: int):
         from megavid.data.loader import build_loader
 
+        if not self.cfg.data.quarantine and not self.cfg.run.debug:
+            # DALI cannot skip a bad sample by itself: the ones it fails on are kept here
+            self.cfg.data.quarantine = str(self.cfg.run_dir / "quarantine.json")
+
         return build_loader(
             self.cfg.data, self.cfg.data.train, train=True, rank=rank,
             world_size=world_size, seed=self.cfg.run.seed,
@@ -86,7 +90,7 @@ class VideoTextTask:
 
     def flops_per_sample(self, model: nn.Module) -> float:
         fn = getattr(model, "flops_per_sample", None)
-        return float(fn()) if fn is not None else 0.0
+        return float(fn(text_len=self.cfg.data.max_text_len)) if fn is not None else 0.0
 
     def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -33,5 +33,17 @@ def run_pretrain(cfg: Config, *, overwrite: bool = False, resume: str | None = N
     from megavid.engine.trainer import Trainer
     from megavid.tasks import get_task
 
+    check_data(cfg, cfg.data.train)
     task = get_task(cfg.task.name)(cfg)
     return Trainer(cfg, task, overwrite=overwrite, resume=resume).fit()
+
+
+def check_data(cfg: Config, *splits: str) -> None:
+    """Fails fast, before any process group or model is built, when shards are missing."""
+    if cfg.data.name != "shards":
+        return
+    from megavid.data.loader import get_split_spec
+    from megavid.data.shards import list_shards
+
+    for split in splits:
+        list_shards(get_split_spec(cfg.data, split), cfg.data.root)

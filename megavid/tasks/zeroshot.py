@@ -196,6 +196,9 @@ def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | Non
     from megavid.eval.results import write_results
     from megavid.tasks import get_task
 
+    from megavid.tasks.pretrain import check_data
+
+    check_data(cfg, cfg.eval.split)
     ckpt = resume or cfg.eval.checkpoint or find_checkpoint(cfg.run_dir)
     if not ckpt:
         raise CheckpointError(

@@ -6,7 +6,8 @@ EXPECTED_COMMANDS = {
     "make-synthetic", "pretrain", "finetune-retrieval", "finetune-qa", "eval-zeroshot",
     "export-checkpoint", "make-shards", "verify-shards", "info",
 }
-EXPECTED_FLAGS = {"-h", "--help", "--print-config", "--name", "--overwrite", "--resume"}
+EXPECTED_FLAGS = {"-h", "--help", "--print-config", "--name", "--overwrite", "--resume",
+                  "--local_rank", "--local-rank"}  # the last two: DeepSpeed launcher compatibility
 
 
 def test_subcommands_are_pinned():
@@ -25,3 +26,24 @@ def test_print_config_applies_name_and_overrides(capsys):
     assert main(["pretrain", "experiment=demo", "--name", "x1", "train.max_steps=9", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "name: x1" in out and "max_steps: 9" in out
+
+
+def _run_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "megavid.cli", *args], capture_output=True, text=True)
+
+
+def test_missing_data_path_is_one_line(tmp_path):
+    r = _run_cli("pretrain", "experiment=demo", f"data.root={tmp_path / 'nope'}", f"run.output_dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert "does not exist" in r.stderr and "make-synthetic" in r.stderr
+
+
+def test_empty_shard_dir_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _run_cli("eval-zeroshot", "experiment=demo", f"data.test={tmp_path / 'empty'}", f"run.output_dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "holds no .tar shards" in r.stderr, r.stderr
