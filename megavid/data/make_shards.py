@@ -10,6 +10,11 @@ per-shard stats and in the final summary.
 Deterministic whatever ``--workers`` is: the sample order is the annotation order, results are
 consumed in that order, and encoders run single-threaded with bitexact containers.
 
+Frames shards (``--shard-format frames --fps F --short-side S --quality Q``): instead of a video
+member, each sample stores the source frames nearest to F fps inside its window as JPEG members
+``{key}.0000.jpg``... (layout: ``megavid/data/FRAMES.md``, code: :mod:`megavid.data.frames`),
+made from the same single validation decode of the source.
+
 Resumable: shards are written under temporary names and renamed when complete; a re-run with
 the same arguments keeps the complete shards, skips the inputs they consumed, and continues.
 ``--overwrite`` starts afresh.
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from megavid.data.annotations import FORMATS, Record, read_annotations
+from megavid.data.frames import DEFAULT_QUALITY, FrameExtractor
 from megavid.data.probe import REASON_MISSING, VideoProbeError, probe_video
 from megavid.data.shards import (
     DEFAULT_MAX_BYTES,
@@ -51,6 +57,7 @@ REASON_TRANSCODE = "transcode_error"
 REASON_BAD_WINDOW = "bad_window"
 MANIFEST = "make_shards.json"
 CODECS = ("keep", "h264", "vp9", "mjpeg")
+SHARD_FORMATS = ("video", "frames")
 # codec -> (encoder, container format, extension, options, pixel format). Single-threaded
 # encoders + bitexact containers make the bytes independent of machine and worker count.
 _ENCODERS: dict[str, tuple[str, str, str, dict[str, str], str]] = {
@@ -96,6 +103,13 @@ class MakeShardsOptions:
     max_count: int = DEFAULT_MAX_COUNT
     max_bytes: int = DEFAULT_MAX_BYTES
     workers: int = 2
+    shard_format: str = "video"
+    """'video' (one encoded video member) or 'frames' (JPEG frame members, for DALI's JPEG
+    decoder; see megavid/data/FRAMES.md)."""
+    fps: float = 8.0
+    """Frames shards: stored frames per second (0: every source frame)."""
+    quality: int = DEFAULT_QUALITY
+    """Frames shards: JPEG quality."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -112,6 +126,9 @@ class Task:
     codec: str = "keep"
     short_side: int = 0
     max_fps: float = 0.0
+    shard_format: str = "video"
+    fps: float = 8.0
+    quality: int = DEFAULT_QUALITY
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +248,32 @@ def process_task(task: Task) -> ShardSample | SampleFailure:
         return SampleFailure(source=task.source, reason=f"{REASON_TRANSCODE}:{type(e).__name__}")
 
 
+def _process_frames(task: Task) -> ShardSample | SampleFailure:
+    """A frames sample: the source decoded once (validation) while the extractor keeps, resizes
+    and JPEG-encodes the frames it needs."""
+    extractor = FrameExtractor(fps=task.fps, short_side=task.short_side, quality=task.quality,
+                               start=task.start, end=task.end)
+    info = probe_video(task.path, decode=True, on_frame=extractor)
+    if task.start is not None and task.start >= info.duration:
+        return SampleFailure(source=task.source, reason=REASON_BAD_WINDOW)
+    end = None if task.end is None else min(task.end, info.duration)
+    try:
+        members, facts = extractor.finish()
+    except Exception as e:  # noqa: BLE001 - an encoder failure is this video's failure
+        return SampleFailure(source=task.source, reason=f"{REASON_TRANSCODE}:{type(e).__name__}")
+    # duration/start/end are the source's: the sampled timestamps equal the video path's
+    meta: dict[str, Any] = {"key": task.key, "captions": task.captions, "duration": info.duration,
+                            "source": task.source, "start": task.start, "end": end, **facts}
+    meta.update(task.extra)
+    meta["original"] = {k: getattr(info, k)
+                        for k in ("width", "height", "fps", "codec", "num_frames")}
+    return ShardSample(key=task.key, video=b"", ext="", meta=meta, source=task.source,
+                       members=members)
+
+
 def _process(task: Task) -> ShardSample | SampleFailure:
+    if task.shard_format == "frames":
+        return _process_frames(task)
     path = Path(task.path)
     ext = path.suffix.lstrip(".").lower()
     codec = task.codec
@@ -347,7 +389,8 @@ def plan(records: list[Record], opts: MakeShardsOptions) -> list[Task | SampleFa
         out.append(Task(
             key=key, path=str(path), source=str(path), captions=list(r.captions),
             start=r.start, end=r.end, extra=dict(r.extra), codec=opts.codec,
-            short_side=opts.short_side, max_fps=opts.max_fps,
+            short_side=opts.short_side, max_fps=opts.max_fps, shard_format=opts.shard_format,
+            fps=opts.fps, quality=opts.quality,
         ))
     return out
 
@@ -373,6 +416,10 @@ def _manifest_options(opts: MakeShardsOptions) -> dict[str, Any]:
     d = asdict(opts)
     d.pop("workers")  # the output does not depend on it
     d.pop("out")
+    if opts.shard_format == "video":
+        # video shards do not depend on the frames options (and older manifests lack them)
+        for k in ("shard_format", "fps", "quality"):
+            d.pop(k)
     return d
 
 
@@ -400,6 +447,14 @@ def make_shards(opts: MakeShardsOptions, *, overwrite: bool = False, quiet: bool
         raise DataError(f"video folder '{videos}' does not exist; pass --videos DIR")
     if opts.codec not in CODECS:
         raise DataError(f"--codec {opts.codec!r} is not one of {', '.join(CODECS)}")
+    if opts.shard_format not in SHARD_FORMATS:
+        raise DataError(f"--shard-format {opts.shard_format!r} is not one of "
+                        f"{', '.join(SHARD_FORMATS)}")
+    if opts.shard_format == "frames" and (opts.fps < 0 or not 1 <= opts.quality <= 100):
+        raise DataError(f"--fps {opts.fps} must be >= 0 and --quality {opts.quality} in 1..100")
+    if opts.shard_format == "frames" and (opts.codec != "keep" or opts.max_fps):
+        raise DataError("--codec/--max-fps apply to video shards; frames shards take --fps, "
+                        "--short-side and --quality")
     records = read_annotations(
         opts.annotations, opts.format, video_col=opts.video_col, caption_col=opts.caption_col,
         key_col=opts.key_col, start_col=opts.start_col, end_col=opts.end_col, split=opts.split,
@@ -469,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", required=True, help="folder holding the videos")
     p.add_argument("--annotations", required=True, help="annotation file")
     p.add_argument("--out", required=True, help="output shard folder")
-    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS + ("frames",),
+                   help="annotation format; 'frames' is short for --shard-format frames "
+                   "(annotation format auto-detected)")
     p.add_argument("--video-col", help="CSV/TSV column of the video path or id")
     p.add_argument("--caption-col", help="CSV/TSV column of the caption")
     p.add_argument("--key-col", help="CSV/TSV column of the sample key")
@@ -478,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="MSR-VTT: only this split (train/validate/test)")
     p.add_argument("--codec", default="keep", choices=CODECS, help="re-encode to this codec")
     p.add_argument("--short-side", type=int, default=0, help="downscale to this short side")
+    p.add_argument("--shard-format", default="video", choices=SHARD_FORMATS,
+                   help="video members, or JPEG frames for DALI's JPEG decoder (FRAMES.md)")
+    p.add_argument("--fps", type=float, default=8.0, help="frames shards: stored frames/s "
+                   "(0: every source frame)")
+    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
+                   help="frames shards: JPEG quality 1..100")
     p.add_argument("--max-fps", type=float, default=0.0, help="drop frames above this rate")
     p.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, help="samples per shard")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="bytes per shard")
@@ -491,12 +554,15 @@ def main(argv: list[str] | None = None) -> int:
     """``megavid make-shards`` / ``tools/make_shards.py``. Returns 0, or 1 if no sample was
     written. DataError propagates (the CLI prints it as one line and exits 2)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.format == "frames":  # `--format frames` (the issue's spelling) = --shard-format
+        args.format, args.shard_format = "auto", "frames"
     opts = MakeShardsOptions(
         videos=args.videos, annotations=args.annotations, out=args.out, format=args.format,
         video_col=args.video_col, caption_col=args.caption_col, key_col=args.key_col,
         start_col=args.start_col, end_col=args.end_col, split=args.split, codec=args.codec,
         short_side=args.short_side, max_fps=args.max_fps, max_count=args.max_count,
-        max_bytes=args.max_bytes, workers=args.workers,
+        max_bytes=args.max_bytes, workers=args.workers, shard_format=args.shard_format,
+        fps=args.fps, quality=args.quality,
     )
     summary = make_shards(opts, overwrite=args.overwrite, quiet=args.quiet)
     return 0 if summary["successes"] else 1

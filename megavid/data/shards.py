@@ -56,6 +56,18 @@ class ShardSample:
     """The sample JSON (``key`` is set to ``key``)."""
     source: str = ""
     """Where the sample came from (for stats and error messages)."""
+    members: dict[str, bytes] | None = None
+    """Frames shards (:mod:`megavid.data.frames`): the payload members ``{ext: bytes}``
+    (``0000.jpg``, ``0001.jpg``, ...) written instead of ``video``/``ext``."""
+
+    def payloads(self) -> dict[str, bytes]:
+        """The non-JSON members of the sample: ``{ext: bytes}``."""
+        return dict(self.members) if self.members is not None else {self.ext: self.video}
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes (what ``max_bytes`` counts)."""
+        return sum(len(v) for v in self.payloads().values())
 
 
 @dataclass(kw_only=True, slots=True)
@@ -124,7 +136,8 @@ def format_idx(bundles: list[list[tuple[str, int, int, str]]]) -> str:
 
 def _index_entry(shard: str, key: str, members: dict[str, list[int]], meta: dict) -> dict:
     entry: dict[str, Any] = {"key": key, "shard": shard, "members": members}
-    for k in ("duration", "num_frames", "fps", "width", "height", "codec", "start", "end"):
+    for k in ("duration", "num_frames", "fps", "width", "height", "codec", "start", "end",
+              "format"):
         if k in meta:
             entry[k] = meta[k]
     return entry
@@ -144,7 +157,8 @@ def _flush_shard(out_dir: Path, index: int, shard: _OpenShard) -> tuple[dict, li
             for s in samples:
                 meta = dict(s.meta)
                 meta["key"] = s.key
-                payloads = sorted([("json", encode_meta(meta)), (s.ext, s.video)])
+                # frame members "0000.jpg" < ... < "json": digits sort before letters
+                payloads = sorted([("json", encode_meta(meta)), *s.payloads().items()])
                 bundle = []
                 members: dict[str, list[int]] = {}
                 for ext, data in payloads:
@@ -299,7 +313,7 @@ def write_shards(
             raise DataError(f"duplicate sample key {item.key!r} ({item.source})")
         seen.add(item.key)
         cur.samples.append(item)
-        cur.nbytes += len(item.video)
+        cur.nbytes += item.nbytes
         if len(cur.samples) >= max_count or cur.nbytes >= max_bytes:
             stats, ents = _flush_shard(out, index, cur)
             all_stats.append(stats)
@@ -441,7 +455,7 @@ def read_sample(shard_dir: str | Path, entry: dict) -> tuple[bytes, dict]:
     """Random access: the (video bytes, sample JSON) of an index entry, read by seeking."""
     tar = Path(shard_dir) / entry["shard"]
     members = entry["members"]
-    vext = next(e for e in members if e != "json")
+    vext = next(e for e in members if e != "json")  # frames shards: the first frame
     with open(tar, "rb") as f:
         f.seek(members["json"][0])
         meta = json.loads(f.read(members["json"][1]))
@@ -473,6 +487,11 @@ def _verify_sample(tar_name: str, key: str, sample: dict, problems: list[str], d
     caps = meta.get("captions")
     if not (isinstance(caps, list) and caps and all(isinstance(c, str) and c.strip() for c in caps)):
         problems.append(f"{where}.json: 'captions' must be a non-empty list of strings")
+    from megavid.data.frames import is_frame_ext, verify_frames_sample
+
+    if any(is_frame_ext(e) for e in sample):
+        verify_frames_sample(where, meta, sample, problems, decode)
+        return
     vexts = [e for e in sample if e in VIDEO_EXTS]
     if len(vexts) != 1:
         problems.append(f"{where}: expected one video member, found {vexts or 'none'}")
@@ -495,7 +514,9 @@ def verify_shards(shard_dir: str | Path, *, decode: bool = True) -> list[str]:
 
     Checks: every tar is readable by ``webdataset.WebDataset``; each sample has a JSON that
     parses (with its key and captions) and one video that PyAV decodes completely (frame count
-    equal to the JSON's ``num_frames``); each ``.idx`` equals the DALI index of its tar; each
+    equal to the JSON's ``num_frames``), or, in frames shards, JPEG members ``0000.jpg``...
+    numbered without gaps, one per entry of the JSON's ``frame_times``, that all decode to the
+    JSON's width x height; each ``.idx`` equals the DALI index of its tar; each
     stats file matches its tar (successes, bytes); ``index.jsonl`` lists exactly the samples of
     the tars with the right member offsets.
 
