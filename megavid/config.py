@@ -141,6 +141,13 @@ class ModelConfig:
     vtm_weight: float = 0.0
     mlm_weight: float = 0.0
     mlm_probability: float = 0.15
+    momentum: float = 0.0
+    """EMA coefficient of the momentum encoders (ALBEF/BLIP; 0: off, 0.995 typical). The
+    momentum towers give VTC soft targets and fill the feature queues."""
+    queue_size: int = 0
+    """Momentum features kept as extra VTC negatives (0: none; needs model.momentum > 0)."""
+    distill_alpha: float = 0.4
+    """Weight of the momentum similarities in the VTC targets (the rest is one-hot)."""
     num_answers: int = 0
     """Size of the QA answer vocabulary (0: no QA head)."""
     qa_weight: float = 1.0
@@ -207,6 +214,15 @@ class DataConfig:
     random_flip: bool = False
     """Horizontal flip in training (caption-aware: clips whose caption says left/right are
     not flipped)."""
+    image_train: str = ""
+    """Image shards ({key}.jpg|.png + {key}.json, images as 1-frame clips) mixed into every
+    train batch (TESTA's --sep_img): a folder, glob or split name like ``train``."""
+    image_ratio: float = 0.0
+    """Fraction of each train batch drawn from ``image_train``; batch_size x image_ratio must
+    be a whole number so every rank's batch has the same composition."""
+    resampled: bool = False
+    """Train by sampling with replacement from a (seed, step)-seeded RNG: no epoch boundary,
+    the loader state is the step count (exact resume). ``__len__`` is a nominal epoch."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -224,6 +240,9 @@ class OptimConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     """Warmup as a fraction of total steps (used when warmup_steps is 0)."""
+    warmup_epochs: float = 0.0
+    """Warmup in epochs (x optimizer steps per epoch = loader length / grad_accum), used when
+    warmup_steps is 0; takes precedence over warmup_ratio."""
     min_lr_ratio: float = 0.0
     reference_batch_size: int = 0
     """If > 0, lr is scaled linearly by global_batch / reference_batch_size."""
@@ -252,6 +271,9 @@ class TrainConfig:
     max_nonfinite: int = 5
     """Abort after this many non-finite losses in a row."""
     tensorboard: bool = True
+    wandb: bool = False
+    """Also log to Weights & Biases (project 'megavid', run name = run.name): offline unless
+    WANDB_MODE says otherwise, never in debug mode; needs ``pip install wandb``."""
     max_train_samples: int = 0
     max_eval_samples: int = 0
     best_metric: str = ""
@@ -282,10 +304,50 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ClassificationConfig:
+    """Labels and protocols of classification jobs (finetune-cls, linear-probe,
+    eval-zeroshot-cls) and the outputs of extract-features / eval-egocentric."""
+
+    label_field: str = "label"
+    """Sample-JSON field holding the label: 'label', 'labels' (multi-label list) or a dotted
+    path such as 'attributes.direction' (synthetic data)."""
+    label_file: str = ""
+    """Optional labels outside the shards: a Charades-Ego style CSV (columns 'id', 'actions' =
+    'c092 11.9 21.2;c147 0.0 12.6') or a generic 'path,label' CSV; rows match samples by
+    key or source file stem."""
+    classes: list[str] = field(default_factory=list)
+    """Class names in label order ([]: read ``class_file``, else the sorted labels of the
+    train split)."""
+    class_file: str = ""
+    """One class per line; Charades style 'c000 Holding some clothes' lines map id -> name."""
+    multilabel: bool = False
+    """Multi-label (per-class sigmoid, mAP) instead of single-label (softmax, top-1/top-5)."""
+    templates: list[str] = field(default_factory=list)
+    """Zero-shot prompt templates with one '{}' ([]: megavid.eval.DEFAULT_VIDEO_TEMPLATES)."""
+    probe_weight_decays: list[float] = field(
+        default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6])
+    """Linear probe L2 sweep (chosen on data.val, reported on eval.split)."""
+    probe_max_iter: int = 300
+    """L-BFGS iterations per linear-probe fit."""
+    features_format: Literal["pt", "npy"] = "pt"
+    """extract-features: one file per video in this format, plus index.jsonl."""
+    relevancy: str = ""
+    """EK-100 MIR: [videos, texts] relevancy matrix (.pkl as EK-100 ships it, .npy or .pt),
+    rows in the order of the split's samples, columns in the order of ``relevancy_texts``."""
+    relevancy_texts: str = ""
+    """EK-100 MIR: the text queries, one per line (or a CSV with a 'narration' column)."""
+    egomcq: str = ""
+    """EgoMCQ: JSON list of {"query": str, "choices": [5 sample keys], "answer": int,
+    "type": "inter"|"intra"} over the split's samples."""
+
+
+@dataclass(kw_only=True, slots=True)
 class TaskConfig:
     """Which job runs."""
 
     name: str = "pretrain"
+    cls: ClassificationConfig = field(default_factory=ClassificationConfig)
+    """Classification, linear probe, feature extraction and egocentric evaluation settings."""
 
 
 @dataclass(kw_only=True, slots=True)

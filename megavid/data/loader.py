@@ -22,6 +22,18 @@ Design (why resume is exact):
   padded to the same size with repeated samples marked ``batch["valid"] = False``, so
   all-gathers have equal shapes and metrics count each sample once.
 
+Images, mixing, resampling:
+
+* Image samples (``{key}.jpg|.jpeg|.png`` + ``{key}.json``) are clips of one frame, decoded with
+  PIL and repeated to ``num_frames`` so batches stay rectangular [B, T, C, H, W]; their meta
+  carries ``is_image: True``. Only the PyAV loader reads them (``auto`` picks it).
+* ``data.image_ratio`` > 0 with ``data.image_train`` builds a ``MixedLoader``: every rank's
+  train batch is ``batch_size x (1 - ratio)`` clips then ``batch_size x ratio`` images, from two
+  loaders with their own cursors; the state holds both (``megavid.data.mixing``).
+* ``data.resampled``: global step s draws G samples with replacement from an RNG seeded by
+  (seed, s) (:func:`get_resampled_indices`); iteration never ends, ``len()`` is a nominal epoch
+  (N // G steps) and the state's cursor is the step count.
+
 Per-sample randomness (frame offsets, caption choice, crop/flip) comes from
 ``sampling.get_sample_rng(seed, epoch, index, stream)``: a sample looks the same in every
 worker, rank, world size and decode backend.
@@ -52,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megavid.config import DataConfig
 from megavid.data import pyav_backend
+from megavid.data.frames import decode_jpeg, get_frame_times, nearest_frames
 from megavid.data.sampling import get_sample_rng, sample_timestamps
 from megavid.data.text import build_tokenizer, get_tokenizer_path, tokenize
 from megavid.data.transforms import is_flip_safe, sample_texts, transform_clip
@@ -81,6 +94,9 @@ class SampleTable:
     video: np.ndarray  # int64 [N, 2]: offset of the data, size
     meta: np.ndarray  # int64 [N, 2]: offset and size of the sample JSON
     video_ext: list[str]
+    frames: list[np.ndarray] | None = None
+    """Frames shards (``megavid.data.frames``): per sample, int64 [n, 2] offset and size of
+    each stored JPEG frame in time order (``video`` then spans frame 0); None for video shards."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -93,6 +109,7 @@ def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable
         spec: a split name, shard folder, tar file or glob (see ``shards.list_shards``).
         root: the dataset root (``data.root``) for split names.
     """
+    from megavid.data.frames import is_frame_ext
     from megavid.data.shards import list_shards, read_index
 
     tars = list_shards(spec, root)
@@ -102,6 +119,7 @@ def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable
     tar_paths: list[str] = []
     tar_ids: dict[str, int] = {}
     keys, tar_id, video, meta, exts = [], [], [], [], []
+    frame_spans: list[np.ndarray] = []
     for d, names in sorted(by_dir.items()):
         for e in read_index(d):
             if e["shard"] not in names:
@@ -120,6 +138,9 @@ def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable
             video.append(members[vext])
             meta.append(members["json"])
             exts.append(vext)
+            fexts = sorted(x for x in members if is_frame_ext(x))
+            frame_spans.append(np.asarray([members[x] for x in fexts], dtype=np.int64)
+                               .reshape(-1, 2))
     if not keys:
         raise DataError(f"the shards of '{spec}' hold no samples (their index.jsonl is empty); "
                         "re-create them with `megavid make-shards`")
@@ -127,6 +148,7 @@ def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable
         tars=tar_paths, keys=keys, tar_id=np.asarray(tar_id, dtype=np.int32),
         video=np.asarray(video, dtype=np.int64).reshape(-1, 2),
         meta=np.asarray(meta, dtype=np.int64).reshape(-1, 2), video_ext=exts,
+        frames=frame_spans if all(len(f) for f in frame_spans) else None,
     )
 
 
@@ -142,6 +164,25 @@ def get_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> n
     if not shuffle:
         return np.arange(num_samples, dtype=np.int64)
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
+
+
+def get_resampled_indices(num_samples: int, seed: int, first_step: int, steps: int,
+                          global_batch: int) -> np.ndarray:
+    """Resampled mode's samples for global steps ``first_step .. first_step+steps-1``: each
+    step's ``global_batch`` indices drawn with replacement from an RNG seeded by (seed, step),
+    concatenated (int64 [steps * global_batch]; rank r takes slice [r*B, (r+1)*B) of a step).
+
+    Args:
+        num_samples: N.
+        seed: the run seed.
+        first_step: the first global step.
+        steps: how many steps.
+        global_batch: G = batch_size x world_size.
+    """
+    # The constant 1 keeps these seeds apart from get_permutation's [seed, epoch].
+    draws = [np.random.default_rng([int(seed), 1, int(s)]).integers(num_samples, size=global_batch)
+             for s in range(first_step, first_step + steps)]
+    return np.concatenate(draws).astype(np.int64) if draws else np.zeros(0, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,11 +227,15 @@ class _BatchDataset(Dataset):
 
     # -- reading ----------------------------------------------------------------------------
     def _read(self, index: int, which: np.ndarray) -> bytes:
+        return self._pread(index, which[index])
+
+    def _pread(self, index: int, span: np.ndarray) -> bytes:
+        """The bytes at ``span`` = (offset, size) of sample ``index``'s tar."""
         tid = int(self.table.tar_id[index])
         fd = self._files.get(tid)
         if fd is None:
             fd = self._files[tid] = os.open(self.table.tars[tid], os.O_RDONLY)
-        offset, size = (int(v) for v in which[index])
+        offset, size = (int(v) for v in span)
         data = os.pread(fd, size, offset)  # pread: no shared file position between readers
         if len(data) != size:
             raise _SampleFailed("truncated_shard", f"member ends after {len(data)} of {size} bytes")
@@ -218,18 +263,35 @@ class _BatchDataset(Dataset):
             caption = captions[int(rng.integers(len(captions)))]
         else:
             caption = captions[0]
+        stored = self.table.frames
         try:
-            video = self._read(index, self.table.video)
+            video = self._read(index, self.table.video) if stored is None else b""
         except OSError as e:
             raise _SampleFailed("read_error", str(e)) from e
+        # Image samples carry meta["is_image"] = True; video metas stay the sample JSON as
+        # stored (every backend returns the same), so readers use meta.get("is_image", False).
+        is_image = stored is None and self.table.video_ext[index] in pyav_backend.IMAGE_EXTS
         try:
+            if is_image:  # a 1-frame clip, repeated to T frames (see pyav_backend.decode_image)
+                meta["is_image"] = True
+                clip = torch.from_numpy(pyav_backend.decode_image(video, cfg.num_frames))
+                clip = transform_clip(
+                    clip.permute(0, 3, 1, 2), cfg.img_size, train=self.train,
+                    rng=get_sample_rng(self.seed, epoch, index, "augment") if self.train else None,
+                    allow_flip=cfg.random_flip and is_flip_safe(sample_texts(meta)))
+                return clip, caption, meta
             duration = float(meta["duration"])
             ts = sample_timestamps(
                 cfg.num_frames, duration, start=meta.get("start"), end=meta.get("end"),
                 train=self.train,
                 rng=get_sample_rng(self.seed, epoch, index, "frames") if self.train else None)
-            frames = self.decode_fn(video, ts, fps=meta.get("fps") or None,
-                                    num_video_frames=meta.get("num_frames") or None)
+            if stored is None:
+                frames = self.decode_fn(video, ts, fps=meta.get("fps") or None,
+                                        num_video_frames=meta.get("num_frames") or None)
+            else:  # frames shards: the stored JPEGs nearest to ts, decoded with PIL
+                chosen = nearest_frames(get_frame_times(meta), ts)
+                frames = np.stack([decode_jpeg(self._pread(index, stored[index][j]))
+                                   for j in chosen.tolist()])
             clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, H, W, C] -> [T, C, H, W]
             clip = transform_clip(
                 clip, cfg.img_size, train=self.train,
@@ -257,7 +319,7 @@ class _BatchDataset(Dataset):
             in_range = pos < n or plan.wrap
             tries = 0
             while True:
-                index = int(plan.perm[(pos + tries) % n])
+                index = int(plan.perm[(pos + tries) % len(plan.perm)])
                 try:
                     clip, cap, meta = self.load_sample(index, plan.epoch)
                     break
@@ -348,7 +410,7 @@ class VideoTextLoader:
         self.failures: Counter = Counter()
         self._logged = 0
         n, g = len(table), self.global_batch
-        if train and data_cfg.drop_last and n < g:
+        if train and data_cfg.drop_last and not data_cfg.resampled and n < g:
             raise DataError(
                 f"split '{split}' has {n} samples, fewer than one global batch "
                 f"(data.batch_size={self.batch_size} x {world_size} ranks = {g}); lower "
@@ -366,7 +428,13 @@ class VideoTextLoader:
     def _wrap(self) -> bool:
         return self.train and not self.cfg.drop_last
 
+    @property
+    def _resampled(self) -> bool:
+        return self.train and self.cfg.resampled
+
     def _steps_from(self, cursor: int) -> int:
+        if self._resampled:  # a nominal epoch: N // G steps (at least one)
+            return max(1, self.num_samples // self.global_batch)
         left = max(0, self.num_samples - cursor)
         if self.train and self.cfg.drop_last:
             return left // self.global_batch
@@ -378,16 +446,20 @@ class VideoTextLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning, unless it is already the current epoch
-        (then the cursor, e.g. restored by ``load_state_dict``, is kept)."""
-        if epoch != self.epoch:
+        (then the cursor, e.g. restored by ``load_state_dict``, is kept). A no-op in resampled
+        mode, which has no epoch boundary (its position is the step count alone)."""
+        if epoch != self.epoch and not self._resampled:
             self.epoch = epoch
             self.cursor = 0
 
     def state_dict(self) -> dict[str, int]:
         """{"epoch", "cursor", "seed", "num_samples"}: the position after the batches handed
         out so far (independent of world size and workers)."""
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-                "num_samples": self.num_samples}
+        sd = {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+              "num_samples": self.num_samples}
+        if self._resampled:
+            sd["resampled"] = True  # cursor = global steps taken (not permutation positions)
+        return sd
 
     def load_state_dict(self, sd: dict[str, int]) -> None:
         """Continue from a saved position (any world size and worker count).
@@ -403,6 +475,11 @@ class VideoTextLoader:
         if int(sd["seed"]) != self.seed:
             logger.warning("loader state seed %s differs from seed %s: keeping the saved one so "
                            "the epoch's order continues", sd["seed"], self.seed)
+        if bool(sd.get("resampled", False)) != self._resampled:
+            raise DataError(
+                f"loader state was saved with data.resampled={bool(sd.get('resampled', False))} "
+                f"but this run has data.resampled={self._resampled}; resume with the same "
+                "data.resampled or start a new run")
         self.seed = int(sd["seed"])
         self.epoch = int(sd["epoch"])
         self.cursor = int(sd["cursor"])
@@ -423,7 +500,39 @@ class VideoTextLoader:
                 logger.warning("skipped sample %s in shard %s (%s: %s); %d skipped so far: %s",
                                key, shard, reason, detail, self._logged, dict(self.failures))
 
+    def _iter_resampled(self) -> Iterator[dict[str, Any]]:
+        """Resampled (infinite) mode: global step s draws its G samples with replacement from
+        ``get_resampled_indices`` (seeded by (seed, s)), so the order depends on the step count
+        alone. Steps are read in chunks of one nominal epoch L = len(self), aligned to multiples
+        of L (chunk c = steps [c*L, (c+1)*L) uses c as the per-sample augmentation epoch), so a
+        resumed run cuts the same chunks and sees bit-identical batches."""
+        steps_per_chunk, g = len(self), self.global_batch
+        nw = self.cfg.num_workers
+        while True:
+            chunk, offset = divmod(self.cursor, steps_per_chunk)
+            self.epoch = chunk
+            plan = _EpochPlan(
+                epoch=chunk, start=offset * g,
+                perm=get_resampled_indices(self.num_samples, self.seed, chunk * steps_per_chunk,
+                                           steps_per_chunk, g),
+                steps=steps_per_chunk - offset, global_batch=g, batch_size=self.batch_size,
+                rank=self.rank, wrap=True)
+            dataset = _BatchDataset(self.table, self.cfg, plan, train=True, seed=self.seed,
+                                    decode_fn=self.decode_fn, tokenizer=self.tokenizer)
+            loader = DataLoader(
+                dataset, batch_size=None, shuffle=False, num_workers=nw, collate_fn=_identity,
+                worker_init_fn=_worker_init if nw > 0 else None, persistent_workers=False)
+            for batch in loader:
+                self._record(batch)
+                if "_abort" in batch:
+                    raise DataError(batch["_abort"])
+                self.cursor += 1
+                yield batch
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._resampled:
+            yield from self._iter_resampled()
+            return
         plan = self._plan()
         if plan.steps == 0:
             self._end_of_pass()
@@ -459,17 +568,26 @@ class VideoTextLoader:
 # --------------------------------------------------------------------------------------------
 # Builders and backends
 # --------------------------------------------------------------------------------------------
-def _split_spec(data_cfg: DataConfig, split: str) -> str:
+def get_split_spec(data_cfg: DataConfig, split: str) -> str:
+    """The shard spec of a split name (train/val/test: data.<split>), or the spec itself."""
     if split in SPLITS:
         return getattr(data_cfg, split)
     return split  # a folder / glob given directly
 
 
+_split_spec = get_split_spec  # older name, still used by other modules
+
+
 def build_pyav_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
                       world_size: int = 1, seed: int = 0, epoch: int = 0) -> VideoTextLoader:
-    """The PyAV (CPU) loader over the shards of ``split``; see :func:`build_loader`."""
+    """The PyAV (CPU) loader over the shards of ``split``; see :func:`build_loader`.
+
+    On frames shards (``megavid.data.frames``) it is the no-DALI fallback: the worker processes
+    read the stored JPEGs nearest to the sampled timestamps and decode them with PIL, then apply
+    the same transforms (same per-sample draws) as for video."""
     get_tokenizer_path(data_cfg.tokenizer)  # a config error before the index is read
-    table = build_sample_table(_split_spec(data_cfg, split), data_cfg.root)
+    # frames shards: the same loader decodes the stored JPEGs with PIL (SampleTable.frames)
+    table = build_sample_table(get_split_spec(data_cfg, split), data_cfg.root)
     return VideoTextLoader(table, data_cfg, split=split, train=train, rank=rank,
                            world_size=world_size, seed=seed, epoch=epoch)
 
@@ -494,9 +612,11 @@ def get_backend(name: str, data_cfg: DataConfig | None = None, split: str = "tra
                 ) -> Callable[..., Any]:
     """The loader builder of a decode backend.
 
-    'auto' asks ``megavid.data.dali.select_backend`` with the split's codec (DALI "mixed" on
-    a CUDA machine for codecs NVDEC reads; PyAV otherwise, e.g. everywhere without a GPU) and
-    falls back to PyAV when the DALI module or its loader is missing.
+    'auto' asks ``megavid.data.dali.select_backend`` with the split's codec: frames shards
+    (codec "jpeg", ``make-shards --shard-format frames``) always take DALI's image decoder
+    (hardware JPEG on a GPU, DALI CPU otherwise); video shards take DALI "mixed" on a CUDA
+    machine for codecs NVDEC reads when that beats PyAV on the machine's cores, else PyAV.
+    Falls back to PyAV when the DALI module or its loader is missing.
 
     Args:
         name: 'auto', 'pyav' or 'dali'.
@@ -511,6 +631,25 @@ def get_backend(name: str, data_cfg: DataConfig | None = None, split: str = "tra
     return LOADER_BACKENDS[name]
 
 
+def is_image_split(data_cfg: DataConfig, split: str) -> bool:
+    """True when the first sample of the split's first shard folder is an image sample
+    (``{key}.jpg|.jpeg|.png``, not a frames sample): such shards are read by the PyAV loader.
+
+    Args:
+        data_cfg: the data config (root).
+        split: a split name or shard spec.
+    """
+    from megavid.data.shards import list_shards
+
+    index = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0].parent / "index.jsonl"
+    try:
+        with open(index) as f:
+            members = json.loads(f.readline() or "{}").get("members", {})
+    except (OSError, ValueError):
+        return False  # build_sample_table reports a missing or broken index
+    return any(ext in pyav_backend.IMAGE_EXTS for ext in members)
+
+
 def _resolve_auto(data_cfg: DataConfig, split: str) -> str:
     try:
         from megavid.data import dali
@@ -521,7 +660,10 @@ def _resolve_auto(data_cfg: DataConfig, split: str) -> str:
         return "pyav"
     from megavid.data.shards import list_shards
 
-    shard_dir = list_shards(_split_spec(data_cfg, split), data_cfg.root)[0].parent
+    if is_image_split(data_cfg, split):
+        logger.info("data.backend=auto -> pyav (image shards: PIL decode)")
+        return "pyav"
+    shard_dir = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0].parent
     backend, _, reason = dali.select_backend(dali.get_shard_codec(shard_dir))
     logger.info("data.backend=auto -> %s (%s)", backend, reason)
     return backend if backend in LOADER_BACKENDS else "pyav"
@@ -551,8 +693,20 @@ def build_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0
                                seed=seed, epoch=epoch)
     if data_cfg.name != "shards":
         raise ConfigError(f"data.name={data_cfg.name!r} is unknown; valid: shards, synthetic")
-    return get_backend(data_cfg.backend, data_cfg, split)(data_cfg, split, train=train, rank=rank,
-                                         world_size=world_size, seed=seed, epoch=epoch)
+    builder = get_backend(data_cfg.backend, data_cfg, split)
+    if builder is not build_pyav_loader and is_image_split(data_cfg, split):
+        raise ConfigError(f"the '{split}' shards hold images, which only the PyAV loader reads "
+                          "(PIL decode); set data.backend=pyav or auto")
+    if train and data_cfg.resampled and builder is not build_pyav_loader:
+        raise ConfigError("data.resampled=true is implemented by the PyAV loader only; set "
+                          "data.backend=pyav or data.resampled=false")
+    if train and split == "train" and data_cfg.image_ratio > 0:
+        from megavid.data.mixing import build_mixed_loader  # (mixing imports this module)
+
+        return build_mixed_loader(data_cfg, builder, rank=rank, world_size=world_size,
+                                  seed=seed, epoch=epoch)
+    return builder(data_cfg, split, train=train, rank=rank, world_size=world_size, seed=seed,
+                   epoch=epoch)
 
 
 class SyntheticLoader:

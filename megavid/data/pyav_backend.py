@@ -147,3 +147,34 @@ def _decode_indices(container, stream, indices: np.ndarray, fps: float) -> np.nd
             i = earlier[-1] if earlier else have[0]
         out.append(got[i])
     return np.stack(out)
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+"""Shard member extensions of image samples (``{key}.jpg`` + ``{key}.json``)."""
+
+
+def decode_image(data: bytes, num_frames: int) -> np.ndarray:
+    """Decode an image sample as a clip: the image repeated to ``num_frames`` frames.
+
+    An image is a clip of one frame (TESTA/ALPRO); repeating it to T frames keeps the batch
+    tensor rectangular, so images and videos share one batch (``data.image_ratio``) and one
+    model input shape. Temporal layers see T identical frames.
+
+    Args:
+        data: the encoded JPEG/PNG bytes.
+        num_frames: T.
+
+    Returns:
+        uint8 array [T, H, W, 3] (RGB).
+
+    Raises:
+        DataError: the data is not a decodable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            frame = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot decode image: {e}") from e
+    return np.repeat(frame[None], max(1, int(num_frames)), axis=0)
