@@ -53,6 +53,7 @@ import functools
 import json
 import logging
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,6 +377,12 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
 def _worker_init(_: int) -> None:
     # One decode thread per worker: the workers already use the cores.
     torch.set_num_threads(1)
+    # SLURM preemption and `kill` signal every process of the job, workers included. A worker
+    # that dies of SIGTERM makes the main process raise before it can write its preemption
+    # checkpoint; so workers ignore SIGTERM/SIGINT and leave shutdown to the main process
+    # (which stops them, and torch's watchdog ends them if the main process dies).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def build_ds_config(cfg: Config, world_size: int, device_type: str = "cpu") -> d
 
 
 def build_engine(model: nn.Module, cfg: Config, *, world_size: int, total_steps: int,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", steps_per_epoch: int = 0):
     """Wrap ``model`` in a DeepSpeed engine with megavid's AdamW groups and LR schedule.
 
     Returns ``(engine, optimizer, lr_scheduler, ds_config)``; DeepSpeed steps the scheduler
@@ -197,13 +197,14 @@ def build_engine(model: nn.Module, cfg: Config, *, world_size: int, total_steps:
         world_size: data-parallel ranks (the process group must be initialised).
         total_steps: optimizer steps of the whole run (for the schedule).
         device_type: 'cpu' or 'cuda'.
+        steps_per_epoch: optimizer steps per epoch (for ``optim.warmup_epochs``).
     """
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size, device_type)
     optimizer = build_optimizer(model, cfg.optim, ds_config["train_batch_size"],
                                 cpu_adam=cfg.train.offload_optimizer)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, optimizer, scheduler, ds_config

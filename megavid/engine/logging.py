@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from megavid.config import Config, to_yaml
+from megavid.errors import ConfigError
 
 log = logging.getLogger("megavid.engine")
 
@@ -105,16 +106,27 @@ class MetricsLogger:
         start_step: step the run starts from (resume).
         tensorboard: write tensorboard scalars under ``<run_dir>/tb``.
         progress: show the tqdm bar.
+        wandb: also log to Weights & Biases (``train.wandb``; the caller turns it off in debug
+            mode). Needs a run directory; offline unless ``WANDB_MODE`` says otherwise.
+        run_name: the W&B run name.
+        config: the resolved config as a dict, stored with the W&B run.
     """
 
     def __init__(self, run_dir: Path | None, rank: int, total_steps: int, start_step: int = 0,
-                 *, tensorboard: bool = True, progress: bool = True) -> None:
+                 *, tensorboard: bool = True, progress: bool = True, wandb: bool = False,
+                 run_name: str = "megavid", config: dict | None = None) -> None:
         self.active = rank == 0
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._wandb = None
+        if wandb:
+            # checked on every rank, so a missing package fails the whole job the same way
+            _import_wandb()
         if not self.active:
             return
+        if wandb and run_dir is not None:
+            self._wandb = _init_wandb(run_dir, run_name, config or {}, resume=start_step > 0)
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             # append: a resumed run continues the same file (steps after the checkpoint repeat,
@@ -147,8 +159,11 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
         if self._bar is not None and prefix == "train":
-            shown = {k: metrics[k] for k in ("loss", "lr", "samples_per_s") if k in metrics}
+            shown = {k: metrics[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s") if k in metrics}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, n: int = 1) -> None:
@@ -162,7 +177,34 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._bar = self._tb = self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._bar = self._tb = self._jsonl = self._wandb = None
+
+
+def _import_wandb() -> Any:
+    """The wandb module, imported only when asked for (it is not a megavid dependency)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("train.wandb=true but Weights & Biases is not installed; "
+                          "pip install wandb, or set train.wandb=false") from e
+    return wandb
+
+
+def _init_wandb(run_dir: Path, run_name: str, config: dict, resume: bool) -> Any:
+    """Start the W&B run of this run directory (files under ``<run_dir>/wandb``).
+
+    Offline by default: clusters often have no route out, and a training job must never hang
+    or die on a logging service; ``WANDB_MODE=online`` (or ``wandb online``) opts in.
+    """
+    wandb = _import_wandb()
+    mode = os.environ.get("WANDB_MODE") or "offline"
+    # a resumed run starts a new W&B run (its name marks the resume); ids are left to W&B
+    # because run names may hold characters W&B ids do not allow
+    name = f"{run_name}-resumed" if resume else run_name
+    return wandb.init(project=os.environ.get("WANDB_PROJECT") or "megavid", name=name,
+                      dir=str(run_dir), config=config, mode=mode)
 
 
 def _jsonable(x: Any) -> Any:

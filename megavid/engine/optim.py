@@ -152,25 +152,44 @@ class LRSchedule:
         return self.min_ratio + (1.0 - self.min_ratio) * shape
 
 
-def get_warmup_steps(optim_cfg: OptimConfig, total_steps: int) -> int:
-    """``optim.warmup_steps`` if set, else ``round(warmup_ratio * total_steps)``."""
-    if optim_cfg.warmup_steps < 0 or not 0.0 <= optim_cfg.warmup_ratio < 1.0:
-        raise ConfigError(f"optim.warmup_steps={optim_cfg.warmup_steps} must be >= 0 and "
-                          f"optim.warmup_ratio={optim_cfg.warmup_ratio} in [0, 1)")
+def get_warmup_steps(optim_cfg: OptimConfig, total_steps: int, steps_per_epoch: int = 0) -> int:
+    """Warmup length in optimizer steps, from whichever of the three settings is given.
+
+    The first one set wins: ``optim.warmup_steps`` as is, then
+    ``round(warmup_epochs * steps_per_epoch)``, then ``round(warmup_ratio * total_steps)``;
+    none set means no warmup.
+
+    Args:
+        optim_cfg: optimizer settings.
+        total_steps: optimizer steps of the whole run.
+        steps_per_epoch: optimizer steps per epoch (loader length // grad accumulation);
+            needed only with ``optim.warmup_epochs``.
+    """
+    if optim_cfg.warmup_steps < 0 or not 0.0 <= optim_cfg.warmup_ratio < 1.0 or optim_cfg.warmup_epochs < 0:
+        raise ConfigError(f"optim.warmup_steps={optim_cfg.warmup_steps} and optim.warmup_epochs="
+                          f"{optim_cfg.warmup_epochs} must be >= 0 and optim.warmup_ratio="
+                          f"{optim_cfg.warmup_ratio} in [0, 1)")
     if optim_cfg.warmup_steps > 0:
         return optim_cfg.warmup_steps
+    if optim_cfg.warmup_epochs > 0:
+        if steps_per_epoch < 1:
+            raise ConfigError("optim.warmup_epochs needs the epoch length, which this job does not know; "
+                              "use optim.warmup_steps or optim.warmup_ratio")
+        return int(round(optim_cfg.warmup_epochs * steps_per_epoch))
     return int(round(optim_cfg.warmup_ratio * total_steps))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+                    total_steps: int, steps_per_epoch: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup then cosine/linear/constant decay over ``total_steps`` optimizer steps.
 
     Args:
         optimizer: the client optimizer (DeepSpeed steps the scheduler after each update).
         optim_cfg: optimizer settings.
         total_steps: optimizer steps of the whole run.
+        steps_per_epoch: optimizer steps per epoch (for ``optim.warmup_epochs``).
     """
-    fn = LRSchedule(total_steps=total_steps, warmup_steps=get_warmup_steps(optim_cfg, total_steps),
+    warmup = get_warmup_steps(optim_cfg, total_steps, steps_per_epoch)
+    fn = LRSchedule(total_steps=total_steps, warmup_steps=warmup,
                     schedule=optim_cfg.schedule, min_ratio=optim_cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,4 +1,4 @@
-"""Throughput and MFU: samples/s, TFLOP/s per device and model FLOPs utilisation.
+"""Throughput and MFU: samples/s, tokens/s, TFLOP/s per device and model FLOPs utilisation.
 
 MFU = achieved model FLOP/s (the task's analytic fwd+bwd FLOPs per sample x samples/s per
 device) / the device's dense peak for the training dtype. Peaks are datasheet dense (no
@@ -77,22 +77,33 @@ class ThroughputMeter:
     flops_per_sample: float = 0.0
     peak_tflops: float | None = None
     _samples: int = 0
+    _tokens: float | None = None
     _data_s: float = 0.0
     _steps: int = 0
     _t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, samples: int, data_wait_s: float) -> None:
-        """Record one optimizer step's local samples and the time spent waiting for data."""
+    def add(self, samples: int, data_wait_s: float, tokens: float | None = None) -> None:
+        """Record one optimizer step's local samples, tokens and time spent waiting for data.
+
+        Args:
+            samples: samples this rank consumed in the step (all micro-batches).
+            data_wait_s: seconds spent waiting for the loader.
+            tokens: tokens in those samples (video patches x frames + text); None when the
+                task does not count tokens (then no tokens/s is reported).
+        """
         self._samples += samples
+        if tokens is not None:
+            self._tokens = (self._tokens or 0.0) + tokens
         self._data_s += data_wait_s
         self._steps += 1
 
     def reset(self) -> None:
-        self._samples, self._data_s, self._steps = 0, 0.0, 0
+        self._samples, self._data_s, self._steps, self._tokens = 0, 0.0, 0, None
         self._t0 = time.perf_counter()
 
     def summary(self) -> dict[str, float]:
-        """Metrics since the last reset; samples/s is global (all ranks), the rest per device."""
+        """Metrics since the last reset; samples/s and tokens/s are global (all ranks, assuming
+        ranks run at the same pace, as they do in lockstep), ``*_per_device`` the rest per device."""
         dt = max(time.perf_counter() - self._t0, 1e-9)
         per_dev = self._samples / dt
         out = {
@@ -101,6 +112,9 @@ class ThroughputMeter:
             "step_time_s": dt / max(self._steps, 1),
             "data_wait_pct": 100.0 * self._data_s / dt,
         }
+        if self._tokens is not None:
+            out["tokens_per_s"] = self._tokens / dt * self.world_size
+            out["tokens_per_s_per_device"] = self._tokens / dt
         if self.flops_per_sample > 0:
             out["tflops_per_device"] = self.flops_per_sample * per_dev / 1e12
             mfu = compute_mfu(self.flops_per_sample, per_dev, self.peak_tflops)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from megavid.config import Config
+from megavid.config import Config, to_dict
 from megavid.engine import checkpoint as ckpt
 from megavid.engine import dist
 from megavid.engine.deepspeed_setup import build_engine, get_dtype, resolve_precision
@@ -46,7 +46,12 @@ class NonFiniteLossError(MegavidError):
 
 
 class Task(Protocol):
-    """What the trainer needs from a task (see the shared contracts)."""
+    """What the trainer needs from a task (see the shared contracts).
+
+    Optional methods, used when present: ``evaluate(model) -> dict[str, float]``,
+    ``flops_per_sample(model) -> float`` (TFLOP/s, MFU) and ``tokens_per_sample(batch) -> float``
+    (mean tokens per sample of a batch, e.g. frames x patches + text tokens: tokens/s).
+    """
 
     def setup(self, device: torch.device, dtype: torch.dtype, rank: int, world_size: int, gather: Any) -> None: ...
 
@@ -116,6 +121,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.best: dict[str, Any] = {}
         self._stop_signal: int | None = None
+        self.steps_per_epoch = 0
 
     # ---------------------------------------------------------------- setup
     def _find_resume(self, rank: int) -> tuple[Path, str] | None:
@@ -230,6 +236,7 @@ class Trainer:
             model.set_grad_checkpointing(cfg.model.grad_checkpointing)
         self.loader = self.task.build_train_loader(rank, world_size)
         steps_per_epoch, total_steps = self._plan_steps(world_size)
+        self.steps_per_epoch = steps_per_epoch  # for optim.warmup_epochs
 
         if resume_from is not None and ckpt.is_universal(*resume_from):
             # DeepSpeed must know at initialize time that it loads a universal checkpoint.
@@ -262,7 +269,9 @@ class Trainer:
                 "resumed_from": str(resume_from[0] / resume_from[1]) if resume_from else None,
             }), ds_config)
         logger = MetricsLogger(None if self.debug else self.run_dir, rank, total_steps, self.step,
-                               tensorboard=t.tensorboard and not self.debug)
+                               tensorboard=t.tensorboard and not self.debug,
+                               wandb=t.wandb and not self.debug, run_name=cfg.run.name,
+                               config=to_dict(cfg))
         meter = ThroughputMeter(world_size=world_size, flops_per_sample=flops, peak_tflops=peak)
 
         self.loader.set_epoch(self.epoch)
@@ -316,11 +325,12 @@ class Trainer:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
             optimizer = build_optimizer(model, cfg.optim, ds_config["train_batch_size"],
                                         cpu_adam=cfg.train.offload_optimizer)
-            scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+            scheduler = build_scheduler(optimizer, cfg.optim, total_steps, self.steps_per_epoch)
             engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
             return engine, optimizer, scheduler, ds_config
-        return build_engine(model, cfg, world_size=world_size, total_steps=total_steps, device_type=device.type)
+        return build_engine(model, cfg, world_size=world_size, total_steps=total_steps, device_type=device.type,
+                            steps_per_epoch=self.steps_per_epoch)
 
     def _check_resume_compat(self, state: dict, world_size: int, where: tuple[Path, str]) -> None:
         gb = self.cfg.data.batch_size * self.cfg.train.grad_accum * world_size
@@ -355,12 +365,14 @@ class Trainer:
         engine.train()
         it_holder = [iter(self.loader)]
         start_step = self.step
+        count_tokens = hasattr(self.task, "tokens_per_sample")
         sums: dict[str, float] = {}
         count = 0
         meter.reset()
         while self.step < total_steps:
             data_wait = 0.0
             samples = 0
+            tokens = 0.0
             micro = 0
             while micro < t.grad_accum:
                 batch, waited = self._next_batch(it_holder)
@@ -388,14 +400,21 @@ class Trainer:
                 engine.backward(loss)
                 engine.step()
                 micro += 1
-                samples += int(self.task.batch_size(batch))
+                n = int(self.task.batch_size(batch))
+                samples += n
+                if count_tokens:
+                    tokens += float(self.task.tokens_per_sample(batch)) * n
                 for k, v in out.items():
                     if isinstance(v, torch.Tensor) and v.numel() == 1:
                         sums[k] = sums.get(k, 0.0) + float(v.detach().float())
                 count += 1
                 del out, loss
+            # The optimizer stepped at the last micro-batch: tasks update state that trails the
+            # weights (e.g. the EMA of momentum encoders) here, never inside training_forward.
+            if hasattr(self.task, "after_step"):
+                self.task.after_step(engine.module)
             self.step += 1
-            meter.add(samples, data_wait)
+            meter.add(samples, data_wait, tokens if count_tokens else None)
             logger.advance()
 
             last = self.step >= total_steps

@@ -88,12 +88,37 @@ class VideoTextTask:
     def batch_size(self, batch: dict[str, Any]) -> int:
         return int(batch["video"].shape[0])
 
+    def tokens_per_sample(self, batch: dict[str, Any]) -> float:
+        """Mean tokens per sample of ``batch``, for the engine's tokens/s.
+
+        Video tokens = frames x patches per frame (``T * (H/p) * (W/p)`` of the clip as fed,
+        ``p`` = model.video.patch_size); text tokens = the non-padding tokens
+        (``attention_mask`` sum), averaged over the batch.
+
+        Args:
+            batch: a loader batch (see the shared contracts).
+        """
+        _, t, _, h, w = batch["video"].shape
+        p = self.cfg.model.video.patch_size
+        text = float(batch["attention_mask"].sum()) / max(int(batch["video"].shape[0]), 1)
+        return float(t * (h // p) * (w // p)) + text
+
     def flops_per_sample(self, model: nn.Module) -> float:
         fn = getattr(model, "flops_per_sample", None)
         return float(fn(text_len=self.cfg.data.max_text_len)) if fn is not None else 0.0
 
     def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called by the engine after every optimizer step: EMA of the momentum encoders.
+
+        Args:
+            model: the trained module (unwrapped from the DeepSpeed engine).
+        """
+        update = getattr(getattr(model, "module", model), "momentum_update", None)
+        if update is not None:
+            update()
 
     # -- helpers -------------------------------------------------------------------------------
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -154,6 +154,10 @@ class ToyTask:
     def batch_size(self, batch) -> int:
         return len(batch["keys"])
 
+    def tokens_per_sample(self, batch) -> float:
+        # one token per input feature (a toy stand-in for frames x patches + text tokens)
+        return float(batch["x"].shape[1])
+
     def _evaluate(self, model) -> dict:
         """Accuracy on a fixed held-out set, plus a scripted 'score' for best-checkpoint tests."""
         x, y, _ = make_dataset(64, seed=99)

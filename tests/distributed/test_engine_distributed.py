@@ -3,14 +3,14 @@
 - ZeRO 0/1/2/3 loss curves == plain single-process torch training of the same global batches;
   each rank's optimizer state == the ZeRO partitioning formula.
 - Exported fp32 weights (from ZeRO-3 shards) in a fresh model == the engine's outputs.
-- kill -9 mid-run, resume: per-step losses bitwise equal to the uninterrupted run, sample keys
-  neither repeated nor skipped.
+- kill -9 mid-run, resume: per-step losses bitwise equal to the uninterrupted run (fp32), within
+  BF16_RESUME_RTOL in bf16, sample keys neither repeated nor skipped.
 - Universal checkpoint 2 -> 1 process (grad accumulation keeps the global batch): same losses
   within tolerance, same keys.
 - A NaN loss on one rank is skipped on every rank (== reference training without that batch);
   N in a row aborts with a clear error.
 
-Four torchrun launches shared by the tests (module fixture) keep the wall time down.
+Five torchrun launches shared by the tests (module fixture) keep the wall time down.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ ZERO_SAMPLES = 256
 RESUME_OPTS = ["train.zero_stage=2", "train.max_steps=10", "train.ckpt_every=5", "train.keep_last=0",
                "optim.lr=5e-3", "optim.warmup_steps=2", "optim.schedule=cosine"]
 RESUME_SAMPLES = 96
+# bf16 kill/resume: same runs with DeepSpeed bf16 (bf16 weights/activations, fp32 master copy).
+BF16 = [o for o in FP32 if o != "train.precision=fp32"] + ["train.precision=bf16"]
+# Stated tolerance for bf16 resume: losses within 1e-3 relative. Nothing in the resume path
+# rounds (the fp32 master weights and Adam state are checkpointed exactly, bf16 weights are
+# re-derived from them), so on CPU the curves are in fact bitwise equal; the tolerance leaves
+# room for non-deterministic reduction order of GPU kernels, one bf16 ulp (2^-8) / 4.
+BF16_RESUME_RTOL = 1e-3
 NAN_OPTS = ["train.zero_stage=2", "train.max_steps=6", "optim.lr=5e-3", "optim.weight_decay=0.1",
             "optim.schedule=constant", "optim.warmup_steps=0"]
 
@@ -123,6 +130,8 @@ def launches(tmp_path_factory):
          "task": {**resume_task, "keys_dir": str(tmp / "keys_full")}},
         {"name": "full_dropout", "overrides": FP32 + RESUME_OPTS, "overwrite": True,
          "task": {**drop_task, "keys_dir": str(tmp / "keys_full_dropout")}},
+        {"name": "full_bf16", "overrides": BF16 + RESUME_OPTS, "overwrite": True,
+         "task": {**drop_task, "keys_dir": str(tmp / "keys_full_bf16")}},
         {"name": "nan_once", "overrides": FP32 + NAN_OPTS, "overwrite": True,
          "task": {"num_samples": RESUME_SAMPLES, "nan_calls": [2], "nan_ranks": [1]}},
         {"name": "nan_once_zero3", "overrides": FP32 + NAN_OPTS + ["train.zero_stage=3"], "overwrite": True,
@@ -135,16 +144,26 @@ def launches(tmp_path_factory):
     _launch(tmp, "killed", 2, [{"name": "killed", "overrides": FP32 + RESUME_OPTS, "overwrite": True,
                                  "task": {**drop_task, "kill_call": 7, "keys_dir": str(tmp / "keys_killed")}}],
             expect_fail=True)
+    # the same in bf16 (a second launch: a SIGKILL ends the process, so one kill per launch)
+    _launch(tmp, "killed_bf16", 2, [{"name": "killed_bf16", "overrides": BF16 + RESUME_OPTS, "overwrite": True,
+                                      "task": {**drop_task, "kill_call": 7,
+                                               "keys_dir": str(tmp / "keys_killed_bf16")}}],
+            expect_fail=True)
     ckpts_after_kill = sorted(p.name for p in (runs_dir / "killed" / "checkpoints").glob("step_*"))
-    resumed = _launch(tmp, "resumed", 2, [{"name": "killed", "overrides": FP32 + RESUME_OPTS,
-                                            "task": {**drop_task, "keys_dir": str(tmp / "keys_resumed")}}])
+    ckpts_after_kill_bf16 = sorted(p.name for p in (runs_dir / "killed_bf16" / "checkpoints").glob("step_*"))
+    # both resumes share one launch
+    resumed = _launch(tmp, "resumed", 2, [
+        {"name": "killed", "overrides": FP32 + RESUME_OPTS,
+         "task": {**drop_task, "keys_dir": str(tmp / "keys_resumed")}},
+        {"name": "killed_bf16", "overrides": BF16 + RESUME_OPTS,
+         "task": {**drop_task, "keys_dir": str(tmp / "keys_resumed_bf16")}}])
     universal = _launch(tmp, "universal", 1, [{
         "name": "universal", "overrides": FP32 + RESUME_OPTS + ["train.grad_accum=2"], "overwrite": True,
         "resume": str(runs_dir / "full" / "checkpoints" / "step_5_universal"),
         "task": {**resume_task, "keys_dir": str(tmp / "keys_universal")}}],
         convert=str(runs_dir / "full" / "checkpoints" / "step_5"))
     return {"tmp": tmp, "runs": runs_dir, "main": main, "resumed": resumed, "universal": universal,
-            "ckpts_after_kill": ckpts_after_kill}
+            "ckpts_after_kill": ckpts_after_kill, "ckpts_after_kill_bf16": ckpts_after_kill_bf16}
 
 
 def _rec(launch: list[list[dict]], rank: int, name: str) -> dict:
@@ -224,6 +243,25 @@ def test_kill9_resume_repeats_losses_bitwise(launches):
     # 96 samples per epoch: epoch 0 (steps 1-6) has each sample exactly once
     first_epoch = [k for r in range(2) for b in _keys(tmp / "keys_full" / f"keys_rank{r}.jsonl")[:6] for k in b]
     assert len(set(first_epoch)) == RESUME_SAMPLES
+
+
+def test_kill9_resume_in_bf16_repeats_losses_within_tolerance(launches):
+    assert launches["ckpts_after_kill_bf16"] == ["step_5"]
+    full = _losses(launches["runs"] / "full_bf16")
+    resumed = _losses(launches["runs"] / "killed_bf16")
+    assert sorted(full) == sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step] == pytest.approx(full[step], rel=BF16_RESUME_RTOL), step
+    # bf16 really ran: its curve is not the fp32 one (same data, dropout and seed)
+    fp32 = _losses(launches["runs"] / "full_dropout")
+    assert any(abs(full[s] - fp32[s]) > 1e-6 * abs(fp32[s]) for s in range(2, 11))
+    tmp = launches["tmp"]
+    for r in range(2):
+        full_keys = _keys(tmp / "keys_full_bf16" / f"keys_rank{r}.jsonl")
+        killed_keys = _keys(tmp / "keys_killed_bf16" / f"keys_rank{r}.jsonl")
+        resumed_keys = _keys(tmp / "keys_resumed_bf16" / f"keys_rank{r}.jsonl")
+        assert len(killed_keys) == 7
+        assert killed_keys[:5] + resumed_keys == full_keys  # no sample repeated or skipped
 
 
 def test_universal_checkpoint_resumes_on_one_process(launches):

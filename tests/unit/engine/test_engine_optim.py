@@ -8,6 +8,7 @@ import torch
 from megavid_toy import ToyModel
 
 from megavid.config import OptimConfig
+from megavid.errors import ConfigError
 from megavid.engine.optim import (LRSchedule, build_optimizer, build_param_groups, build_scheduler,
                                   get_lr_scale, get_warmup_steps)
 
@@ -101,3 +102,23 @@ def test_adamw_groups_match_a_hand_built_optimizer():
             o.step()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, msg=n)
+
+
+def test_warmup_epochs_from_the_epoch_length():
+    cfg = OptimConfig(warmup_epochs=1.5)
+    assert get_warmup_steps(cfg, 100, steps_per_epoch=6) == 9
+    # warmup_steps wins over epochs, epochs over ratio
+    assert get_warmup_steps(OptimConfig(warmup_steps=3, warmup_epochs=2.0), 100, steps_per_epoch=6) == 3
+    assert get_warmup_steps(OptimConfig(warmup_epochs=0.5, warmup_ratio=0.5), 100, steps_per_epoch=6) == 3
+    with pytest.raises(ConfigError, match="optim.warmup_epochs needs the epoch length"):
+        get_warmup_steps(cfg, 100)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        get_warmup_steps(OptimConfig(warmup_epochs=-1.0), 100, steps_per_epoch=6)
+    opt = build_optimizer(ToyModel(), OptimConfig(lr=1e-3, warmup_epochs=0.5, schedule="constant"), 8)
+    sched = build_scheduler(opt, OptimConfig(lr=1e-3, warmup_epochs=0.5, schedule="constant"), 40, 8)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])  # 4 warmup steps

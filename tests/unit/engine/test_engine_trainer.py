@@ -6,6 +6,7 @@ process-wide state)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -63,8 +64,20 @@ def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
                        "train.eval_every=2", "train.keep_last=1", "train.ckpt_every=2", "train.best_metric=score",
                        "train.tensorboard=false"],
          "overwrite": True, "task": {"eval_scores": [0.1, 0.5, 0.3, 0.2]}},
+        # schedule in epochs: max_steps=0, 2 epochs of 64 samples / (batch 8 x accum 2) = 4 steps
+        # each, warmup half an epoch = 2 steps
+        {"overrides": [f"run.output_dir={tmp_path}", "run.name=ep", "data.batch_size=8", "train.max_steps=0",
+                       "train.epochs=2", "train.grad_accum=2", "optim.warmup_epochs=0.5", "optim.lr=1e-2",
+                       "optim.schedule=cosine", "train.log_every=1", "train.tensorboard=false",
+                       "train.precision=fp32"],
+         "overwrite": True, "task": {"num_samples": 64, "keys_dir": str(tmp_path / "keys_ep")}},
+        # W&B asked for but not installed: a clear error; in debug mode it is forced off
+        {"overrides": base + ["run.name=wb", "train.wandb=true", "train.max_steps=2"], "overwrite": True,
+         "expect_error": True, "block_modules": ["wandb"]},
+        {"overrides": base + ["run.name=dbgwb", "run.debug=true", "train.wandb=true", "train.max_steps=5"],
+         "overwrite": True, "block_modules": ["wandb"]},
     ])
-    first, resumed, export_rc, export_again_rc, mismatch, debug, best = results
+    first, resumed, export_rc, export_again_rc, mismatch, debug, best, epochs, wandb_missing, debug_wandb = results
     assert first["summary"]["step"] == 8 and first["summary"]["nonfinite_skipped"] == 0
     run = tmp_path / "a"
     # checkpoints: every 3 steps + the end, last 2 kept, `latest` names the newest
@@ -75,6 +88,8 @@ def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
     m = [r for r in _metrics(run) if r["split"] == "train"]
     assert [r["step"] for r in m] == [2, 4, 6, 8, 10]  # the resumed run continued, not restarted
     assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100 and r["grad_norm"] > 0 for r in m)
+    # tokens/s from the task's tokens_per_sample (16 per toy sample), over the same interval
+    assert all(r["tokens_per_s"] == pytest.approx(16 * r["samples_per_s"]) for r in m)
     assert m[-1]["loss"] < m[0]["loss"]
     assert "mfu" not in m[0]  # no MFU on CPU
     assert m[0]["lr"] == pytest.approx(1e-2)  # warmup 2 steps: step 2 used the full lr
@@ -93,7 +108,7 @@ def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_pct",
-            "train/peak_memory_gib"} <= tags
+            "train/peak_memory_gib", "train/tokens_per_s"} <= tags
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10]
     # exported fp32 weights in a fresh model reproduce the engine (which ran in bf16)
     assert export_rc["rc"] == 0 and export_again_rc["rc"] == 2  # exists: needs --overwrite
@@ -112,6 +127,20 @@ def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
     assert (tmp_path / "best" / "checkpoints" / "best").read_text().strip() == "step_4"
     evals = [r for r in _metrics(tmp_path / "best") if r["split"] == "eval"]
     assert [(r["step"], r["score"]) for r in evals] == [(2, 0.1), (4, 0.5), (6, 0.3), (8, 0.2)]
+    # epochs: 8 steps, LR = the hand-written warmup (2 steps) + cosine over the remaining 6;
+    # the LR logged at step k is the one step k+1 uses, i.e. the multiplier at index k
+    es = epochs["summary"]
+    assert (es["total_steps"], es["steps_per_epoch"], es["step"]) == (8, 4, 8)
+    em = {r["step"]: r for r in _metrics(tmp_path / "ep") if r["split"] == "train"}
+    assert sorted(em) == list(range(1, 9))
+    want = [1e-2 * ((k + 1) / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 6))) for k in range(1, 9)]
+    assert [em[k]["lr"] for k in range(1, 9)] == pytest.approx(want, abs=1e-12)
+    assert [em[k]["epoch"] for k in range(1, 9)] == [0, 0, 0, 0, 1, 1, 1, 1]  # steps 5-8: epoch 1
+    keys = [k for line in (tmp_path / "keys_ep" / "keys_rank0.jsonl").read_text().splitlines()
+            for k in json.loads(line)]
+    assert len(keys) == 128 and len(set(keys[:64])) == len(set(keys[64:])) == 64  # each epoch: every sample once
+    assert "pip install wandb" in wandb_missing["error"] and wandb_missing["error"].startswith("ConfigError")
+    assert debug_wandb["summary"]["step"] == 3 and not (tmp_path / "dbgwb").exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):

@@ -1,7 +1,7 @@
 """Runs Trainer in a fresh process (no torchrun) for test_engine_trainer.py.
 
 argv[1]: JSON list of runs, each either {"overrides": [...], "overwrite": bool, "task": {...},
-"expect_error": bool, "probe": bool} (prints the fit() summary or the error, and with "probe"
+"expect_error": bool, "probe": bool, "block_modules": [...]} (prints the fit() summary or the error, and with "probe"
 the engine's outputs on a fixed input) or {"cli": [...]} (runs `megavid ...` in this process and
 prints its exit code). One "RESULT <json>" line per entry.
 """
@@ -27,6 +27,8 @@ for run in json.loads(sys.argv[1]):
 
         print("RESULT " + json.dumps({"rc": main(run["cli"])}), flush=True)
         continue
+    for name in run.get("block_modules", []):
+        sys.modules[name] = None  # `import name` raises ImportError, as if not installed
     cfg = compose(["model=timesformer_tiny", *run["overrides"]])
     task = ToyTask(cfg, **run.get("task", {}))
     trainer = Trainer(cfg, task, overwrite=run.get("overwrite", False), resume=run.get("resume"))
