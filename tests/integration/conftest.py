@@ -1,0 +1,56 @@
+"""Fixtures of the task integration tests: one small moving-shapes dataset per session (real
+VP9 files and real webdataset shards, made by megavid.data.synthetic.generate_synthetic) and
+the config tokens of a tiny CPU model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# 8 frames of 32x32 at 8 fps: every frame is sampled (no temporal stride), so "slow" moves
+# 0.5 px and "fast" 1.5 px per frame; 32 px clips with 8 px patches keep the step cheap on CPU.
+SYNTH = {"num_train": 384, "num_val": 16, "num_test": 64, "frames": 8, "size": 32, "fps": 8,
+         "codec": "vp9", "seed": 0}
+
+# A tiny TimeSformer (divided space-time) + a 2+1-layer BERT with the real MiniLM vocabulary.
+TINY_MODEL = [
+    "model=timesformer_tiny", "model.video.img_size=32", "model.video.patch_size=8",
+    "model.video.depth=2", "model.video.embed_dim=96", "model.video.num_heads=4",
+    "model.text.num_layers=3", "model.text.fusion_layers=1", "model.text.hidden_size=96",
+    "model.text.num_heads=4", "model.text.intermediate_size=384", "model.proj_dim=64",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_spec() -> dict:
+    """The SyntheticConfig values of the session's dataset (split sizes for the tests)."""
+    return dict(SYNTH)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The dataset folder (raw videos + shards for train/val/test), made once per session."""
+    from megavid.config import SyntheticConfig
+    from megavid.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, SyntheticConfig(**SYNTH), workers=2, shard_max_count=128)
+    return root
+
+
+@pytest.fixture
+def base_tokens(synthetic_root, tmp_path) -> list[str]:
+    """Config tokens every task test starts from: the tiny model, the session's data, a run dir
+    under tmp_path, DeepSpeed ZeRO-2 in fp32 on the CPU."""
+    return TINY_MODEL + [
+        "data=synthetic", f"data.root={synthetic_root}", "data.num_workers=0",
+        "data.batch_size=16", "data.eval_batch_size=32", "data.max_text_len=16",
+        f"run.output_dir={tmp_path / 'runs'}", "run.device=cpu", "run.seed=0",
+        "train.zero_stage=2", "train.precision=fp32", "train.tensorboard=false",
+        "train.log_every=5", "optim.warmup_steps=5",
+    ]
