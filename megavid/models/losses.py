@@ -122,3 +122,85 @@ def build_mlm_inputs(
     ids = torch.where(to_mask, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL)
     ids = torch.where(to_random, random_ids, ids)
     return ids, labels
+
+
+def vtc_loss_momentum(
+    video_feat_BP: torch.Tensor,
+    text_feat_BP: torch.Tensor,
+    video_feat_m_BP: torch.Tensor,
+    text_feat_m_BP: torch.Tensor,
+    temp: torch.Tensor,
+    alpha: float,
+    video_queue_PQ: torch.Tensor | None = None,
+    text_queue_PQ: torch.Tensor | None = None,
+    gather: Gather | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VTC with momentum distillation and a feature queue (ALBEF ``ita`` loss / BLIP).
+
+    Each online feature is contrasted against the momentum features of the batch followed by
+    the queue; its target is ``alpha * softmax(momentum similarities / temp) + (1 - alpha) *
+    one-hot``, and the loss is the soft-target cross-entropy, averaged over both directions.
+
+    Args:
+        video_feat_BP: [B, P] normalised online video features (local batch, with grad).
+        text_feat_BP: [B, P] normalised online text features.
+        video_feat_m_BP: [B, P] normalised momentum video features (no grad).
+        text_feat_m_BP: [B, P] normalised momentum text features.
+        temp: scalar temperature (already clamped), shared by both similarity sets as in ALBEF.
+        alpha: distillation weight in [0, 1] (0: one-hot targets, i.e. plain InfoNCE).
+        video_queue_PQ: [P, Q] queued momentum video features (None: no queue).
+        text_queue_PQ: [P, Q] queued momentum text features.
+        gather: optional all-gather-with-grad across ranks: the loss then runs on the global
+            batch on every rank (see the module docstring), and the queues stay identical.
+
+    Returns:
+        (loss, local online video->text similarity [B, B] detached (for VTM negatives),
+        gathered momentum video features [Bg, P], gathered momentum text features [Bg, P]),
+        the last two to enqueue after the loss.
+    """
+    v, t = video_feat_BP.float(), text_feat_BP.float()
+    with torch.no_grad():
+        v_m, t_m = video_feat_m_BP.detach().float(), text_feat_m_BP.detach().float()
+    if gather is not None:
+        v, t = gather(v), gather(t)
+        with torch.no_grad():
+            v_m, t_m = gather(v_m), gather(t_m)
+    v_all, t_all = v_m, t_m  # [Bg, P]: the momentum keys the online queries are scored against
+    if video_queue_PQ is not None and text_queue_PQ is not None:
+        v_all = torch.cat((v_m, video_queue_PQ.detach().float().t()), dim=0)
+        t_all = torch.cat((t_m, text_queue_PQ.detach().float().t()), dim=0)
+    Bg = v.shape[0]
+    with torch.no_grad():
+        onehot = torch.zeros(Bg, t_all.shape[0], device=v.device)
+        onehot[:, :Bg] = torch.eye(Bg, device=v.device)
+        tgt_v2t = alpha * (v_m @ t_all.t() / temp).softmax(dim=1) + (1 - alpha) * onehot
+        tgt_t2v = alpha * (t_m @ v_all.t() / temp).softmax(dim=1) + (1 - alpha) * onehot
+    logits_v2t = v @ t_all.t() / temp
+    logits_t2v = t @ v_all.t() / temp
+    loss_v2t = -(F.log_softmax(logits_v2t, dim=1) * tgt_v2t).sum(1).mean()
+    loss_t2v = -(F.log_softmax(logits_t2v, dim=1) * tgt_t2v).sum(1).mean()
+    with torch.no_grad():
+        sim_local = video_feat_BP.float() @ text_feat_BP.float().t()
+    return 0.5 * (loss_v2t + loss_t2v), sim_local, v_m, t_m
+
+
+def enqueue_features(queue_PQ: torch.Tensor, ptr: torch.Tensor, feats_NP: torch.Tensor) -> None:
+    """Write ``feats_NP`` into the ring buffer ``queue_PQ`` (columns) at ``ptr``, in place.
+
+    The oldest entries are overwritten first and writing wraps around the end, so a queue whose
+    size is not a multiple of the (global) batch keeps working; a batch larger than the queue
+    keeps only its last Q features.
+
+    Args:
+        queue_PQ: [P, Q] queue (a buffer).
+        ptr: [1] int64 write position (a buffer), advanced modulo Q.
+        feats_NP: [N, P] features to add.
+    """
+    with torch.no_grad():
+        Q = queue_PQ.shape[1]
+        feats_NP = feats_NP.detach()[-Q:]
+        n = feats_NP.shape[0]
+        start = int(ptr[0])
+        cols = (start + torch.arange(n, device=queue_PQ.device)) % Q
+        queue_PQ[:, cols] = feats_NP.t().to(queue_PQ.dtype)
+        ptr[0] = (start + n) % Q

@@ -10,10 +10,20 @@ with Entity Prompts", CVPR 2022) without prompts, equivalently ALBEF/BLIP on vid
 - MLM: 15% of the tokens are masked (80/10/10) and predicted from the fusion output by a head
   whose output matrix is the word embedding matrix (tied);
 - QA: answer classification over ``num_answers`` from the fused cls state.
+
+Optional momentum distillation (ALBEF, Li et al. NeurIPS 2021; BLIP): with ``model.momentum >
+0`` the model keeps EMA copies of both towers and projections (``*_m``, never optimised) that
+give VTC soft targets, and with ``model.queue_size > 0`` ring buffers of past momentum features
+serve as extra negatives. The EMA runs in :meth:`VideoLM.momentum_update`, which the engine
+calls after each optimizer step (``task.after_step``); the copies and queues stay fp32 whatever
+the training dtype, because an EMA step of (1 - 0.995) x delta vanishes in bf16 rounding.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -28,10 +38,19 @@ from megavid.models.losses import (
     TEMP_MIN,
     Gather,
     build_mlm_inputs,
+    enqueue_features,
     sample_hard_negatives,
     vtc_loss,
+    vtc_loss_momentum,
 )
 from megavid.models.timesformer import TimeSformer, build_timesformer
+
+log = logging.getLogger(__name__)
+
+# Online module -> its momentum copy (BLIP / ALBEF names), and the queue buffers.
+MOMENTUM_PAIRS = (("video_encoder", "video_encoder_m"), ("text_encoder", "text_encoder_m"),
+                  ("vision_proj", "vision_proj_m"), ("text_proj", "text_proj_m"))
+QUEUE_KEYS = ("video_queue", "text_queue", "queue_ptr")
 
 
 class MlmHead(nn.Module):
@@ -101,6 +120,37 @@ class VideoLM(nn.Module):
         ):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
+        self._build_momentum(cfg)
+
+    def _build_momentum(self, cfg: Any) -> None:
+        momentum, queue_size, alpha = float(cfg.momentum), int(cfg.queue_size), float(cfg.distill_alpha)
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"model.momentum={momentum} must be in [0, 1) (0: off; 0.995 is typical)")
+        if queue_size < 0 or (queue_size > 0 and momentum == 0.0):
+            raise ConfigError(
+                f"model.queue_size={queue_size} needs model.momentum > 0 (the queue holds momentum "
+                "features); set model.momentum=0.995 or model.queue_size=0"
+            )
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"model.distill_alpha={alpha} must be in [0, 1]")
+        if momentum > 0 and cfg.vtc_weight <= 0:
+            raise ConfigError("model.momentum only serves VTC but model.vtc_weight=0; set model.momentum=0")
+        self.momentum, self.queue_size, self.distill_alpha = momentum, queue_size, alpha
+        self.register_load_state_dict_pre_hook(_adapt_momentum_keys)
+        if momentum == 0.0:
+            return
+        # ALBEF's copy_params: the momentum towers start equal to the online ones.
+        for name, name_m in MOMENTUM_PAIRS:
+            module_m = copy.deepcopy(getattr(self, name))
+            for p in module_m.parameters():
+                p.requires_grad_(False)  # never optimised: excluded from the param groups
+            setattr(self, name_m, module_m)
+        if queue_size > 0:
+            # Random unit vectors as the first negatives, as ALBEF/BLIP initialise their queues.
+            P = cfg.proj_dim
+            self.register_buffer("video_queue", F.normalize(torch.randn(P, queue_size), dim=0))
+            self.register_buffer("text_queue", F.normalize(torch.randn(P, queue_size), dim=0))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     # -- towers ---------------------------------------------------------------------------------
     def encode_video(self, video_BTCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,15 +172,16 @@ class VideoLM(nn.Module):
             (text-layer hidden states [B, L, Dt], projected normalised cls feature [B, proj_dim]).
         """
         hidden = self.text_encoder.forward_text(input_ids, attention_mask)
+        return hidden, F.normalize(self.text_proj(self._pool_text(hidden, attention_mask)), dim=-1)
+
+    def _pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.text_pool == "mean":
             # masked mean over real tokens: MiniLM's own pooling, and a feature that differs
             # between sentences from the first step (a randomly initialised post-LN BERT's
             # [CLS] output is nearly the same for every sentence, and VTC then collapses)
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        else:
-            pooled = hidden[:, 0]
-        return hidden, F.normalize(self.text_proj(pooled), dim=-1)
+            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return hidden[:, 0]
 
     def fuse(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor, video_tokens: torch.Tensor) -> torch.Tensor:
         """Fusion layers: text hidden states cross-attending to video tokens -> [B, L, Dt]."""
@@ -152,6 +203,64 @@ class VideoLM(nn.Module):
             raise ConfigError("the model has no QA head; set model.num_answers to the answer vocabulary size")
         hidden = self.text_encoder.forward_text(input_ids, attention_mask)
         return self.qa_head(self.fuse(hidden, attention_mask, video_tokens)[:, 0])
+
+    # -- momentum distillation -----------------------------------------------------------------
+    def _apply(self, fn: Any, recurse: bool = True) -> "VideoLM":
+        # .bfloat16()/.half()/.to(dtype) (DeepSpeed casts the module at initialize) cast every
+        # floating tensor; the EMA state is put back to fp32 so that small updates survive.
+        super()._apply(fn, recurse)
+        if getattr(self, "momentum", 0.0) > 0:
+            for t in self._momentum_tensors():
+                if t.is_floating_point() and t.dtype != torch.float32:
+                    t.data = t.data.float()
+        return self
+
+    def _momentum_tensors(self) -> list[torch.Tensor]:
+        out = [p for _, name_m in MOMENTUM_PAIRS for p in getattr(self, name_m).parameters()]
+        out += [getattr(self, name_m).get_buffer(n) for _, name_m in MOMENTUM_PAIRS
+                for n, _ in getattr(self, name_m).named_buffers()]
+        if self.queue_size > 0:
+            out += [self.video_queue, self.text_queue]
+        return out
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA step of the momentum towers: ``p_m = m * p_m + (1 - m) * p`` (no-op when off).
+
+        Called by the engine after every optimizer step (``task.after_step``), so the momentum
+        model trails the weights the optimizer just produced.
+        """
+        if self.momentum <= 0:
+            return
+        m = self.momentum
+        for name, name_m in MOMENTUM_PAIRS:
+            online, target = getattr(self, name), getattr(self, name_m)
+            for (n, p), p_m in zip(online.named_parameters(), target.parameters()):
+                if p.shape != p_m.shape or (p.numel() == 0 and p_m.numel() == 0):
+                    # ZeRO-3 leaves empty placeholders between forward passes: nothing to average.
+                    raise ConfigError(
+                        f"model.momentum needs whole parameters but {name}.{n} is partitioned "
+                        f"({tuple(p.shape)}); use train.zero_stage<=2 or model.momentum=0"
+                    )
+                p_m.mul_(m).add_(p.detach().to(p_m.dtype), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def encode_momentum(
+        self, video_BTCHW: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised momentum features (video [B, P], text [B, P]) in fp32, without grad."""
+        # On CUDA the fp32 EMA weights compute at the batch's precision (autocast) like the
+        # online towers; on CPU autocast bf16 measured 2.4x slower than plain fp32 (demo model,
+        # B=32: 3.0 s vs 1.25 s), so the CPU runs the momentum towers in fp32.
+        low = video_BTCHW.dtype in (torch.bfloat16, torch.float16)
+        ctx = (torch.autocast("cuda", dtype=video_BTCHW.dtype)
+               if low and video_BTCHW.device.type == "cuda" else nullcontext())
+        with ctx:
+            _, pooled = self.video_encoder_m(video_BTCHW.float())
+            v_feat = F.normalize(self.vision_proj_m(pooled).float(), dim=-1)
+            hidden = self.text_encoder_m.forward_text(input_ids, attention_mask)
+            t_feat = F.normalize(self.text_proj_m(self._pool_text(hidden, attention_mask)).float(), dim=-1)
+        return v_feat, t_feat
 
     def get_temperature(self) -> torch.Tensor:
         return self.temp.clamp(TEMP_MIN, TEMP_MAX)[0]
@@ -186,7 +295,20 @@ class VideoLM(nn.Module):
             t_hidden, t_feat = self.encode_text(input_ids, attention_mask)
         temp = self.get_temperature()
         sim = None
-        if self.vtc_weight > 0 or self.vtm_weight > 0:
+        if self.momentum > 0:
+            v_feat_m, t_feat_m = self.encode_momentum(video, input_ids, attention_mask)
+            use_queue = self.queue_size > 0
+            loss_vtc, sim, v_m_all, t_m_all = vtc_loss_momentum(
+                v_feat, t_feat, v_feat_m, t_feat_m, temp, self.distill_alpha,
+                self.video_queue if use_queue else None, self.text_queue if use_queue else None, gather,
+            )
+            if use_queue and self.training:
+                # after the loss: the batch's own features must not be their own negatives
+                enqueue_features(self.video_queue, self.queue_ptr.clone(), v_m_all)
+                enqueue_features(self.text_queue, self.queue_ptr, t_m_all)
+            out["loss_vtc"] = loss_vtc
+            total = total + self.vtc_weight * loss_vtc
+        elif self.vtc_weight > 0 or self.vtm_weight > 0:
             loss_vtc, sim = vtc_loss(v_feat, t_feat, temp, gather)
             if self.vtc_weight > 0:
                 out["loss_vtc"] = loss_vtc
@@ -256,6 +378,47 @@ class VideoLM(nn.Module):
         Args:
             text_len: padded text length L of the batches (``data.max_text_len``).
         """
-        from megavid.models.flops import videolm_train_flops
+        from megavid.models.flops import bert_forward_flops, timesformer_forward_flops, videolm_train_flops
 
-        return videolm_train_flops(self, text_len)
+        flops = videolm_train_flops(self, text_len)
+        if self.momentum > 0:
+            # the momentum towers run forward only (no backward) on every sample
+            P = self.vision_proj.out_features
+            flops += timesformer_forward_flops(self.video_encoder)[0] + 2.0 * self.video_encoder.embed_dim * P
+            flops += bert_forward_flops(self.text_encoder, text_len, text=True)
+            flops += 2.0 * self.text_encoder.hidden_size * P
+        return flops
+
+
+def _adapt_momentum_keys(module: VideoLM, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: makes momentum state optional in checkpoints, both ways.
+
+    Without momentum, a checkpoint's momentum towers and queues (a momentum-pretrained model
+    being finetuned) are dropped. With momentum, a checkpoint saved without it gets momentum
+    towers copied from its online weights and keeps the freshly initialised queues, as ALBEF
+    starts its momentum model. Both are logged.
+    """
+    if module.momentum <= 0:
+        names = tuple(f"{prefix}{m}." for _, m in MOMENTUM_PAIRS)
+        dropped = [k for k in state_dict if k.startswith(names) or k in {prefix + q for q in QUEUE_KEYS}]
+        for k in dropped:
+            del state_dict[k]
+        if dropped:
+            log.warning("model.momentum=0: %d momentum tensors of the checkpoint are not used", len(dropped))
+        return
+    filled = 0
+    for name, name_m in MOMENTUM_PAIRS:
+        src, dst = f"{prefix}{name}.", f"{prefix}{name_m}."
+        if any(k.startswith(dst) for k in state_dict):
+            continue
+        for k in [k for k in state_dict if k.startswith(src)]:
+            state_dict[dst + k[len(src):]] = state_dict[k]
+            filled += 1
+    if module.queue_size > 0:
+        for k in QUEUE_KEYS:
+            if prefix + k not in state_dict:
+                state_dict[prefix + k] = getattr(module, k).detach().clone()
+                filled += 1
+    if filled:
+        log.warning("checkpoint has no momentum state: %d momentum tensors copied from the online "
+                    "weights (queues kept at init)", filled)

@@ -214,9 +214,13 @@ def load_video_into(
     return load_converted(video_encoder, checkpoint_filter_fn(sd, video_encoder), source=source, strict=strict)
 
 
-# BLIP / ALPRO top-level keys that have no counterpart (momentum models, queues, prompts).
-_BLIP_IGNORED = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "image_queue",
-                 "video_queue", "text_queue", "idx_queue", "queue_ptr", "prompter.", "prompts")
+# BLIP / ALPRO top-level keys that have no counterpart (prompts, the retrieval index queue).
+_BLIP_ALWAYS_IGNORED = ("idx_queue", "prompter.", "prompts")
+# Momentum towers and feature queues: loaded when the model has model.momentum > 0.
+_BLIP_MOMENTUM = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
+_BLIP_QUEUES = {"image_queue": "video_queue", "video_queue": "video_queue", "text_queue": "text_queue",
+                "queue_ptr": "queue_ptr"}
+_BLIP_IGNORED = _BLIP_ALWAYS_IGNORED + _BLIP_MOMENTUM + tuple(_BLIP_QUEUES)
 _BLIP_HEADS = {"itm_head.": "vtm_head.", "vision_proj.": "vision_proj.", "text_proj.": "text_proj.",
                "temp": "temp"}
 _MLM_MAP = {
@@ -237,6 +241,8 @@ def convert_blip_alpro(state_dict: dict[str, torch.Tensor], model: nn.Module) ->
     """
     from megavid.models import bert, timesformer
 
+    if getattr(model, "momentum", 0.0) > 0:
+        return _convert_blip_momentum(state_dict, model)
     visual, text, out, ignored = {}, {}, {}, []
     for k, v in state_dict.items():
         if k.startswith(_BLIP_IGNORED):
@@ -269,6 +275,56 @@ def convert_blip_alpro(state_dict: dict[str, torch.Tensor], model: nn.Module) ->
     return out, ignored
 
 
+def _convert_blip_momentum(
+    state_dict: dict[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """BLIP/ALBEF conversion for a model with momentum towers: the ``*_m`` towers convert like
+    the online ones (same filters) and the queues load when their size matches the model's."""
+    online = {k: v for k, v in state_dict.items() if not k.startswith(_BLIP_MOMENTUM) and k not in _BLIP_QUEUES}
+    out, ignored = convert_blip_alpro(online, _NoMomentum(model))
+    momentum = {k.replace("_m.", ".", 1): v for k, v in state_dict.items() if k.startswith(_BLIP_MOMENTUM)}
+    if momentum:
+        conv_m, ign_m = convert_blip_alpro(momentum, _NoMomentum(model))
+        renames = {"video_encoder.": "video_encoder_m.", "text_encoder.": "text_encoder_m.",
+                   "vision_proj.": "vision_proj_m.", "text_proj.": "text_proj_m."}
+        for k, v in conv_m.items():
+            for src, dst in renames.items():
+                if k.startswith(src):
+                    out[dst + k[len(src):]] = v
+                    break
+            else:
+                ignored.append(f"momentum:{k}")  # e.g. a momentum MLM head: no counterpart
+        ignored += [k.replace(".", "_m.", 1) for k in ign_m]
+    for src, dst in _BLIP_QUEUES.items():
+        if src not in state_dict:
+            continue
+        v = state_dict[src]
+        if src == "queue_ptr":
+            out[dst] = v.reshape(1).long()
+        elif tuple(v.shape) == tuple(getattr(model, dst).shape):
+            out[dst] = v
+        else:
+            # The queue length is a training choice (BLIP: 57600): another size starts afresh.
+            log.info("%s %s does not fit model.queue_size=%d: kept at init", src, tuple(v.shape), model.queue_size)
+            ignored.append(src)
+    if "queue_ptr" in out and any(s in ignored for s in ("image_queue", "video_queue", "text_queue")):
+        del out["queue_ptr"]
+        ignored.append("queue_ptr")
+    return out, ignored
+
+
+class _NoMomentum:
+    """View of a VideoLM for the online conversion (``momentum`` reads 0)."""
+
+    momentum = 0.0
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
 def load_blip_alpro_into(
     model: nn.Module, path_or_state: str | os.PathLike | dict[str, torch.Tensor], *, strict: bool = True
 ) -> LoadReport:
@@ -281,7 +337,22 @@ def load_blip_alpro_into(
     """
     sd, source = _source(path_or_state)
     converted, ignored = convert_blip_alpro(sd, model)
-    return load_converted(model, converted, source=source, allow_missing=("qa_head.",), strict=strict, ignored=ignored)
+    allow: tuple[str, ...] = ("qa_head.",)
+    momentum_missing = getattr(model, "momentum", 0.0) > 0 and not any(k.startswith(_BLIP_MOMENTUM) for k in sd)
+    if getattr(model, "momentum", 0.0) > 0:
+        # queues are transient training state; ALPRO checkpoints have no momentum towers at all
+        allow += ("video_queue", "text_queue", "queue_ptr")
+        if momentum_missing:
+            allow += tuple(f"{m}." for m in ("video_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m"))
+    report = load_converted(model, converted, source=source, allow_missing=allow, strict=strict, ignored=ignored)
+    if momentum_missing:
+        # ALBEF's copy_params: the momentum towers start as the loaded online ones.
+        with torch.no_grad():
+            for name in ("video_encoder", "text_encoder", "vision_proj", "text_proj"):
+                for p, p_m in zip(getattr(model, name).parameters(), getattr(model, f"{name}_m").parameters()):
+                    p_m.copy_(p)
+        log.info("%s has no momentum towers: copied from the loaded online weights", source)
+    return report
 
 
 def _source(path_or_state: Any) -> tuple[dict[str, torch.Tensor], str]:
