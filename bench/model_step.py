@@ -1,209 +1,478 @@
-"""Forward+backward step of megavid's TimeSformer + BERT against transformers' TimesformerModel
-+ BertModel of the same config, same weights and same batch, measured in one run.
+"""Pretraining step (VTC + VTM + MLM) of megavid's TimeSformer + BERT, unfused and fused,
+against transformers' TimesformerModel + BertLayer towers, measured side by side in one run.
 
-Both sides run a contrastive step (video cls and text cls through one projection each,
-symmetric InfoNCE), at the same precision: fp32 on CPU, autocast bf16 on CUDA. Timings
-alternate between the two sides so that machine load hits both alike; the median is reported.
-Memory: peak CUDA memory on GPU; on CPU the bytes of activations saved for backward (what
-activation checkpointing trades for recompute), each with checkpointing off and on.
+Three implementations run the same pretraining step (same heads, losses, hard-negative VTM
+and MLM masking: megavid.models.videolm.VideoLM's, with only the towers swapped):
 
-    .venv/bin/python bench/model_step.py                 # tiny (configs/model/timesformer_tiny.yaml), CPU
-    .venv/bin/python bench/model_step.py --size base --batch 32   # TimeSformer-B 8x224^2 + BERT-B, GPU
+- ``transformers``: ``transformers.TimesformerModel`` + BERT built from transformers'
+  ``BertEmbeddings``/``BertLayer`` (text layers, then fusion layers with cross-attention to
+  the video tokens), autocast bf16 on CUDA (fp32 on CPU), plain ``torch.optim.AdamW``.
+- ``torch``: megavid's model, ``model.kernel_impl=torch`` (SDPA, torch LayerNorm/GELU),
+  through megavid's engine ``build_engine`` (DeepSpeed ZeRO-2, pure bf16 weights on CUDA).
+- ``triton``: the same with ``model.kernel_impl=triton`` (fused kernels). Without CUDA the
+  kernels fall back to their torch references; the output says which backend really ran.
+
+Every measurement runs in its own subprocess (a CUDA OOM or a DeepSpeed engine leaves no
+state behind), with a batch list (``--batch 64,48,32``: the largest that fits wins) or an
+automatic halving search from ``--max-batch`` on OOM. FLOPs are the model's analytic
+``flops_per_sample`` (fwd+bwd; the same work for all three), MFU uses the peak from
+``megavid.engine.throughput``. Extra rows: more frames with activation checkpointing (every
+block), for peak memory. The markdown result goes to ``bench/results/`` named by hardware,
+size and precision.
+
+    .venv/bin/python bench/model_step.py                      # CUDA: base 8x224^2, bf16; CPU: tiny, fp32
+    .venv/bin/python bench/model_step.py --size tiny --steps 3 --warmup 1   # short CPU run
+    .venv/bin/python bench/model_step.py --batch 96,64,48,32 --frames-ac 32,96
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import datetime
+import json
 import os
+import platform
+import re
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-import torch.nn.functional as F
-import transformers
 from torch import nn
 
-from megavid.config import compose
-from megavid.models.bert import BertTextFusion, build_bert
-from megavid.models.bert import checkpoint_filter_fn as bert_filter
-from megavid.models.losses import vtc_loss
-from megavid.models.timesformer import build_timesformer
-from megavid.models.timesformer import checkpoint_filter_fn as tsf_filter
+ROOT = Path(__file__).resolve().parents[1]
+IMPL_LABELS = {
+    "transformers": "transformers TimesformerModel + BertLayer towers, {amp}, torch AdamW",
+    "torch": "megavid unfused (kernel_impl=torch), DeepSpeed ZeRO-2 {prec}",
+    "triton": "megavid fused (kernel_impl=triton), DeepSpeed ZeRO-2 {prec}",
+}
 
 
-class Pair(nn.Module):
-    """Video tower + text tower + projections + InfoNCE: the VTC step, for either implementation."""
+# ------------------------------------------------------------------------------------------------
+# transformers towers with the interface VideoLM calls (forward -> (tokens, pooled); forward_text;
+# forward_fusion; embeddings.word_embeddings; vocab_size; set_grad_checkpointing)
+# ------------------------------------------------------------------------------------------------
+class HFVideoTower(nn.Module):
+    """``transformers.TimesformerModel`` returning (all tokens, cls) like megavid's TimeSformer."""
 
-    def __init__(self, video: nn.Module, text: nn.Module, dv: int, dt: int, proj: int, ours: bool) -> None:
+    def __init__(self, v: Any) -> None:
         super().__init__()
-        self.video, self.text, self.ours = video, text, ours
-        self.vproj, self.tproj = nn.Linear(dv, proj), nn.Linear(dt, proj)
+        import transformers
 
-    def forward(self, clip: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.ours:
-            v_cls = self.video(clip)[1]
-            t_cls = self.text.forward_text(ids, mask)[:, 0]
+        self.model = transformers.TimesformerModel(transformers.TimesformerConfig(
+            image_size=v.img_size, patch_size=v.patch_size, num_frames=v.num_frames, hidden_size=v.embed_dim,
+            num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
+            intermediate_size=int(v.embed_dim * v.mlp_ratio), qkv_bias=v.qkv_bias,
+            layer_norm_eps=v.layer_norm_eps, attention_type=v.attention_type,
+        ))
+
+    def forward(self, clip_BTCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model(pixel_values=clip_BTCHW).last_hidden_state
+        return tokens, tokens[:, 0]
+
+    def set_grad_checkpointing(self, every_n: int = 1) -> None:
+        if every_n:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            v_cls = self.video(pixel_values=clip).last_hidden_state[:, 0]
-            t_cls = self.text(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
-        v = F.normalize(self.vproj(v_cls).float(), dim=-1)
-        t = F.normalize(self.tproj(t_cls).float(), dim=-1)
-        return vtc_loss(v, t, torch.tensor(0.07, device=v.device))[0]
+            self.model.gradient_checkpointing_disable()
 
 
-def build_pair(size: str, device: torch.device) -> tuple[Pair, Pair, object]:
-    mc = compose([f"model=timesformer_{size}", "model.text.fusion_layers=0"]).model
-    v, t = mc.video, mc.text
-    hf_video = transformers.TimesformerModel(transformers.TimesformerConfig(
-        image_size=v.img_size, patch_size=v.patch_size, num_frames=v.num_frames, hidden_size=v.embed_dim,
-        num_hidden_layers=v.depth, num_attention_heads=v.num_heads, intermediate_size=int(v.embed_dim * v.mlp_ratio),
-        qkv_bias=v.qkv_bias, layer_norm_eps=v.layer_norm_eps, attention_type=v.attention_type,
-    ))
-    hf_text = transformers.BertModel(transformers.BertConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads, intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    ), add_pooling_layer=False)
-    our_video = build_timesformer(v, mc.attn_impl)
-    our_text: BertTextFusion = build_bert(t, v.embed_dim, mc.attn_impl)
-    our_video.load_state_dict(tsf_filter(hf_video.state_dict(), our_video))
-    our_text.load_state_dict(bert_filter(hf_text.state_dict()))
-    theirs = Pair(hf_video, hf_text, v.embed_dim, t.hidden_size, mc.proj_dim, ours=False)
-    ours = Pair(our_video, our_text, v.embed_dim, t.hidden_size, mc.proj_dim, ours=True)
-    ours.vproj.load_state_dict(theirs.vproj.state_dict())
-    ours.tproj.load_state_dict(theirs.tproj.state_dict())
-    return ours.to(device).train(), theirs.to(device).train(), mc
+class HFTextTower(nn.Module):
+    """BERT from transformers' own ``BertEmbeddings`` and ``BertLayer``: text layers, then fusion
+    layers with cross-attention (ALPRO/BLIP style). Parameter names follow ``BertModel``
+    (``embeddings.*``, ``encoder.layer.N.*``), so megavid's BERT loads them unchanged.
+
+    transformers only builds cross-attention into decoder layers (``is_decoder=True``), whose
+    self-attention is causal; the fusion layers here get their self-attention switched back to
+    bidirectional (and always receive a padding mask, which makes SDPA non-causal as well).
+    """
+
+    def __init__(self, t: Any, attn: str = "sdpa") -> None:
+        super().__init__()
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+
+        kw = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                  num_attention_heads=t.num_heads, intermediate_size=t.intermediate_size,
+                  max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        enc_cfg, fus_cfg = BertConfig(**kw), BertConfig(**kw, is_decoder=True, add_cross_attention=True)
+        for c in (enc_cfg, fus_cfg):
+            c._attn_implementation = attn
+        n_text = t.num_layers - t.fusion_layers
+        self.vocab_size, self.n_text = t.vocab_size, n_text
+        self.embeddings = BertEmbeddings(enc_cfg)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            [BertLayer(enc_cfg, layer_idx=i) for i in range(n_text)]
+            + [BertLayer(fus_cfg, layer_idx=i) for i in range(n_text, t.num_layers)])
+        for layer in self.encoder.layer[n_text:]:
+            layer.attention.self.is_causal = False
+        self.every_n = 0
+
+    def set_grad_checkpointing(self, every_n: int = 1) -> None:
+        self.every_n = every_n
+
+    def _run(self, layers: range, h: torch.Tensor, mask_B11L: torch.Tensor, video: torch.Tensor | None) -> torch.Tensor:
+        for i in layers:
+            layer = self.encoder.layer[i]
+            kw = {} if video is None else {"encoder_hidden_states": video}
+            if self.every_n and i % self.every_n == 0 and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, mask_B11L, use_reentrant=False, **kw)
+            else:
+                h = layer(h, mask_B11L, **kw)
+        return h
+
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        # boolean [B, 1, 1, L] (True = attend): valid for SDPA and eager under autocast alike
+        return attention_mask[:, None, None, :].bool()
+
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embeddings(input_ids=input_ids)
+        return self._run(range(self.n_text), h, self._mask(attention_mask), None)
+
+    def forward_fusion(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                       video_tokens: torch.Tensor) -> torch.Tensor:
+        return self._run(range(self.n_text, len(self.encoder.layer)), text_hidden, self._mask(attention_mask),
+                         video_tokens)
 
 
-def set_checkpointing(pair: Pair, on: bool) -> None:
-    if pair.ours:
-        pair.video.set_grad_checkpointing(1 if on else 0)
-        pair.text.set_grad_checkpointing(1 if on else 0)
-    elif on:
-        kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        pair.video.gradient_checkpointing_enable(**kw)
-        pair.text.gradient_checkpointing_enable(**kw)
-    else:
-        pair.video.gradient_checkpointing_disable()
-        pair.text.gradient_checkpointing_disable()
+def build_hf_videolm(model_cfg: Any) -> nn.Module:
+    """megavid's VideoLM (heads, losses) with transformers' towers in place of ours.
+
+    Args:
+        model_cfg: the ``model`` config section.
+    """
+    from megavid.models.videolm import VideoLM
+
+    model = VideoLM(model_cfg)
+    model.video_encoder = HFVideoTower(model_cfg.video)
+    model.text_encoder = HFTextTower(model_cfg.text, model_cfg.attn_impl if model_cfg.attn_impl == "sdpa" else "eager")
+    return model
 
 
-def make_step(pair: Pair, batch: tuple, device: torch.device) -> Callable[[], float]:
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def load_hf_into_ours(hf: nn.Module, ours: nn.Module) -> None:
+    """Copy the transformers towers' weights (and the shared heads) into megavid's model."""
+    from megavid.models.bert import checkpoint_filter_fn as bert_filter
+    from megavid.models.timesformer import checkpoint_filter_fn as tsf_filter
 
-    def step() -> float:
-        pair.zero_grad(set_to_none=True)
-        with amp:
-            loss = pair(*batch)
-        loss.backward()
-        return loss.item()
-
-    return step
-
-
-def timed(step: Callable[[], float], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    ours.video_encoder.load_state_dict(tsf_filter(hf.video_encoder.model.state_dict(), ours.video_encoder))
+    ours.text_encoder.load_state_dict(bert_filter(hf.text_encoder.state_dict()))
+    heads = {k: v for k, v in hf.state_dict().items() if not k.startswith(("video_encoder.", "text_encoder."))}
+    missing = ours.load_state_dict(heads, strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
 
 
-def activation_memory(pair: Pair, batch: tuple, device: torch.device) -> int:
-    """Peak CUDA bytes of a step (GPU) or bytes saved for backward (CPU)."""
-    step = make_step(pair, batch, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    total = 0
+# ------------------------------------------------------------------------------------------------
+# worker: one (implementation, frames, checkpointing, batch) measurement in this process
+# ------------------------------------------------------------------------------------------------
+def build_cfg(a: dict, out_dir: str):
+    from megavid.config import compose
 
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += x.numel() * x.element_size()
-        return x
+    return compose([
+        f"model=timesformer_{a['size']}", "model.vtc_weight=1", "model.vtm_weight=1", "model.mlm_weight=1",
+        f"model.kernel_impl={'torch' if a['impl'] == 'transformers' else a['impl']}",
+        f"model.video.num_frames={a['frames']}", f"model.grad_checkpointing={a['ac']}",
+        f"data.batch_size={a['batch']}", f"data.max_text_len={a['text_len']}",
+        "train.zero_stage=2", f"train.precision={a['precision']}",
+        f"run.output_dir={out_dir}", "optim.warmup_steps=0",
+    ])
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        step()
-    return total
+
+def make_batch(a: dict, mc: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    B, L, v = a["batch"], a["text_len"], mc.video
+    clip = torch.randn(B, a["frames"], 3, v.img_size, v.img_size, generator=g).to(device, dtype)
+    ids = torch.randint(1000, mc.text.vocab_size, (B, L), generator=g)
+    ids[:, 0] = mc.cls_token_id
+    mask = torch.ones_like(ids)
+    mask[B // 2:, L // 2:] = 0  # half the texts padded to half length
+    return clip, ids.to(device), mask.to(device)
+
+
+def worker(a: dict) -> dict:
+    """Build, warm up and time one configuration; returns the measurement (or {"oom": True})."""
+    from megavid.engine.deepspeed_setup import build_engine
+    from megavid.engine.dist import init_distributed
+    from megavid.kernels import get_impl
+    from megavid.models import build_model
+
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    device = torch.device(a["device"])
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    res: dict[str, Any] = {"args": a}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_cfg(a, tmp)
+        mc = cfg.model
+        try:
+            if a["impl"] == "transformers":
+                # analytic FLOPs from megavid's model: the same architecture, hence the same work
+                res["flops_per_sample"] = build_model(mc).flops_per_sample(a["text_len"])
+                model = build_hf_videolm(mc).to(device).train()
+                model.set_grad_checkpointing(a["ac"])
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+                batch = make_batch(a, mc, device, torch.float32)
+                amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+                def step() -> float:
+                    opt.zero_grad(set_to_none=True)
+                    with amp:
+                        out = model(*batch)
+                    out["loss"].backward()
+                    opt.step()
+                    return out["loss"].detach()
+
+                fwd_model = model
+                res["backend"] = "transformers"
+            else:
+                init_distributed(device_type=device.type)
+                model = build_model(mc)  # applies kernel_impl and grad_checkpointing
+                res["flops_per_sample"] = model.flops_per_sample(a["text_len"])
+                engine, _, _, _ = build_engine(model, cfg, world_size=1, total_steps=a["warmup"] + a["steps"] + 2,
+                                               device_type=device.type)
+                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a["precision"], torch.float32)
+                batch = make_batch(a, mc, device, dtype)
+                impl = get_impl(mc.kernel_impl)
+                probe = torch.empty(1, device=device)
+                res["backend"] = ",".join(f"{op}={impl.backend(probe, op)}"
+                                          for op in ("layer_norm", "bias_gelu", "short_attention"))
+
+                def step() -> float:
+                    out = engine(*batch)
+                    engine.backward(out["loss"])
+                    engine.step()
+                    return out["loss"].detach()
+
+                fwd_model = engine
+            for _ in range(a["warmup"]):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times, losses = [], []
+            for _ in range(a["steps"]):
+                t0 = time.perf_counter()
+                losses.append(step())
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            res["losses"] = [float(x) for x in losses]
+            res["times"] = times
+            if cuda:
+                res["peak_bytes"] = torch.cuda.max_memory_allocated()
+            else:
+                # CPU: peak RSS of this process, and the bytes autograd saves for backward
+                # (what activation checkpointing trades for recompute).
+                res["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                saved = 0
+
+                def pack(x: torch.Tensor) -> torch.Tensor:
+                    nonlocal saved
+                    saved += x.numel() * x.element_size()
+                    return x
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                    out = fwd_model(*batch)
+                res["saved_bytes"] = saved
+                del out
+        except torch.cuda.OutOfMemoryError:
+            return {"args": a, "oom": True}
+    return res
+
+
+def check_equivalence(size: str, text_len: int) -> float:
+    """fp32 loss of transformers' towers and megavid's with the same weights, batch and seed:
+    the two sides must compute the same step before their speed is compared. Returns |diff|."""
+    from megavid.config import compose
+    from megavid.models import build_model
+
+    a = {"size": size, "impl": "torch", "frames": compose([f"model=timesformer_{size}"]).model.video.num_frames,
+         "ac": 0, "batch": 4, "text_len": text_len, "precision": "fp32"}
+    mc = build_cfg(a, tempfile.gettempdir()).model
+    torch.manual_seed(0)
+    hf, ours = build_hf_videolm(mc).eval(), build_model(mc).eval()
+    load_hf_into_ours(hf, ours)
+    batch = make_batch(a, mc, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        vh, vo = hf.encode_video(batch[0])[0], ours.encode_video(batch[0])[0]
+        th, to = hf.encode_text(*batch[1:])[0], ours.encode_text(*batch[1:])[0]
+        fh, fo = hf.fuse(th, batch[2], vh), ours.fuse(to, batch[2], vo)
+        torch.manual_seed(1)  # same MLM masking and hard-negative draws on both sides
+        lh = hf(*batch)
+        torch.manual_seed(1)
+        lo = ours(*batch)
+    print(f"equivalence (fp32, CPU, same weights, B=4): max |diff| video tokens {(vh - vo).abs().max():.1e}, "
+          f"text {(th - to).abs().max():.1e}, fusion {(fh - fo).abs().max():.1e}; loss transformers "
+          f"{float(lh['loss']):.6f} megavid {float(lo['loss']):.6f}")
+    return max(float((vh - vo).abs().max()), float((fh - fo).abs().max()), abs(float(lh["loss"]) - float(lo["loss"])))
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+def run_worker(a: dict, timeout: float) -> dict:
+    """Run one measurement in a fresh subprocess; an OOM (or a crash) returns {"oom"/"error"}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(a)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"args": a, "error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
+    oom = any("out of memory" in ln.lower() for ln in tail)
+    return {"args": a, "oom": True} if oom else {"args": a, "error": "\n".join(tail)}
+
+
+def search_batch(base: dict, batches: list[int] | None, max_batch: int, timeout: float) -> dict:
+    """The largest batch of ``batches`` (descending) that fits, or halving from ``max_batch``."""
+    candidates = sorted(batches, reverse=True) if batches else []
+    if not candidates:
+        b = max_batch
+        while b >= 1:
+            candidates.append(b)
+            b //= 2
+    last: dict = {"args": base, "error": "no batch tried"}
+    for b in candidates:
+        a = {**base, "batch": b}
+        print(f"  {a['impl']:>12} frames={a['frames']} ac={a['ac']} B={b} ...", end=" ", flush=True)
+        r = run_worker(a, timeout)
+        if "times" in r:
+            print(f"{statistics.median(r['times']) * 1e3:.1f} ms/step", flush=True)
+            return r
+        print("OOM" if r.get("oom") else "failed", flush=True)
+        last = r
+        if not r.get("oom"):
+            break  # a real error does not get better with a smaller batch
+    return last
+
+
+def fmt_row(label: str, r: dict, peak_tflops: float | None, ref_clips: float | None, cuda: bool) -> tuple[str, float | None]:
+    a = r["args"]
+    if "times" not in r:
+        why = "OOM at every batch" if r.get("oom") else "error: " + r.get("error", "?").splitlines()[-1][:120]
+        return f"| {label} | {a['frames']} | {'on' if a['ac'] else 'off'} | - | - | - | - | - | {why} | - |", None
+    med = statistics.median(r["times"])
+    clips = a["batch"] / med
+    tflops = r["flops_per_sample"] * clips / 1e12
+    mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "n/a (CPU)"
+    mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" + ("" if cuda else f" RSS; {r['saved_bytes'] / 2**20:.0f} MiB saved acts")
+    ratio = f"{clips / ref_clips:.2f}x" if ref_clips else "-"
+    return (f"| {label} | {a['frames']} | {'on' if a['ac'] else 'off'} | {a['batch']} | {med * 1e3:.1f} | "
+            f"{clips:.2f} | {tflops:.3f} | {mfu} | {mem} | {ratio} |"), clips
+
+
+def hardware_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=["tiny", "base"], default="tiny")
-    ap.add_argument("--batch", type=int, default=8)
+    cuda_ok = torch.cuda.is_available()
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda" if cuda_ok else "cpu")
+    ap.add_argument("--size", choices=["tiny", "base"], default=None, help="default: base on CUDA, tiny on CPU")
+    ap.add_argument("--batch", default="", help="comma list of batches to try, largest first (default: halving)")
+    ap.add_argument("--max-batch", type=int, default=None, help="start of the halving search (default 128 / 8 on CPU)")
+    ap.add_argument("--frames-ac", default="32,96", help="extra frame counts, run with activation checkpointing")
+    ap.add_argument("--ac-batch", default="", help="batch list for the --frames-ac rows (default: halving)")
+    ap.add_argument("--impls", default="transformers,torch,triton")
     ap.add_argument("--text-len", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA / 3 CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 CUDA / 1 CPU)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement subprocess")
+    ap.add_argument("--out", default=None, help="markdown result (default bench/results/model_step_<hw>_<size>_<prec>.md)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    ours, theirs, mc = build_pair(args.size, device)
-    v = mc.video
-    clip = torch.randn(args.batch, v.num_frames, 3, v.img_size, v.img_size, device=device)
-    ids = torch.randint(1000, mc.text.vocab_size, (args.batch, args.text_len), device=device)
-    mask = torch.ones_like(ids)
-    mask[args.batch // 2:, args.text_len // 2:] = 0  # half the texts padded to half length
-    batch = (clip, ids, mask)
+    cuda = device.type == "cuda"
+    size = args.size or ("base" if cuda else "tiny")
+    precision = "bf16" if cuda else "fp32"
+    steps = args.steps or (20 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    max_batch = args.max_batch or (128 if cuda else 8)
+    batches = [int(b) for b in args.batch.split(",") if b]
+    ac_batches = [int(b) for b in args.ac_batch.split(",") if b]
+    impls = [i for i in args.impls.split(",") if i]
+    from megavid.config import compose
+    from megavid.engine.throughput import get_peak_tflops
 
-    # Same weights and batch: the two sides must agree before their speed is compared.
-    with torch.no_grad():
-        lo, lt = ours(*batch), theirs(*batch)
-    print(f"loss ours {float(lo):.6f} transformers {float(lt):.6f} (fp32 forward, same weights)")
+    base_frames = compose([f"model=timesformer_{size}"]).model.video.num_frames
+    peak = get_peak_tflops(torch.cuda.get_device_name(device), precision) if cuda else None
+    hw = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    t_start = time.time()
 
-    s_ours, s_theirs = make_step(ours, batch, device), make_step(theirs, batch, device)
-    for _ in range(args.warmup):
-        s_ours(), s_theirs()
-    t_ours, t_theirs = [], []
-    for _ in range(args.steps):  # alternate so that load changes hit both sides alike
-        t_ours.append(timed(s_ours, device))
-        t_theirs.append(timed(s_theirs, device))
-    mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-    # Other processes only ever add time: on a shared machine the minimum is the steadier number.
-    bo, bt = min(t_ours), min(t_theirs)
-    flops = None
-    try:
-        from megavid.models.flops import bert_forward_flops, timesformer_forward_flops
+    # the tiny config on CPU: checks the code paths agree, at no cost to the GPU run
+    diff = check_equivalence("tiny", args.text_len)
+    common = {"size": size, "text_len": args.text_len, "precision": precision, "device": args.device,
+              "steps": steps, "warmup": warmup, "threads": args.threads}
+    print(f"model_step: {size}, {hw}, {precision}; measuring (one subprocess per try):")
+    results: list[tuple[str, dict]] = []
+    for impl in impls:
+        r = search_batch({**common, "impl": impl, "frames": base_frames, "ac": 0}, batches, max_batch, args.timeout)
+        results.append((impl, r))
+    ac_results: list[tuple[str, dict]] = []
+    for frames in [int(f) for f in args.frames_ac.split(",") if f]:
+        fmax = max(1, max_batch * base_frames // frames)
+        for impl in impls:
+            r = search_batch({**common, "impl": impl, "frames": frames, "ac": 1}, ac_batches, fmax, args.timeout)
+            ac_results.append((impl, r))
 
-        f_v, stem = timesformer_forward_flops(ours.video)
-        f_t = bert_forward_flops(ours.text, args.text_len)
-        flops = args.batch * (3 * (f_v + f_t) - stem)
-    except Exception:  # noqa: BLE001 - FLOPs are informational here
-        pass
-
-    prec = "autocast bf16" if device.type == "cuda" else "fp32"
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n## model_step: {args.size}, batch {args.batch}, {v.num_frames}x{v.img_size}^2, text {args.text_len}, "
-          f"{prec}, {name}\n")
-    print("| implementation | step ms (median) | step ms (min) | clips/s (median) | TFLOP/s (median) |")
-    print("|---|---|---|---|---|")
-    for label, m, b in (("transformers TimesformerModel + BertModel", mt, bt), ("megavid TimeSformer + BERT", mo, bo)):
-        tf = f"{flops / m / 1e12:.3f}" if flops else "-"
-        print(f"| {label} | {m * 1e3:.1f} | {b * 1e3:.1f} | {args.batch / m:.1f} | {tf} |")
-    print(f"\nspeed ratio (transformers time / megavid time): {mt / mo:.2f}x median, {bt / bo:.2f}x min")
-
-    what = "peak CUDA memory" if device.type == "cuda" else "activations saved for backward"
-    print(f"\n| {what} | checkpointing off | checkpointing on (every block, non-reentrant) |")
-    print("|---|---|---|")
-    for label, pair in (("transformers", theirs), ("megavid", ours)):
-        row = []
-        for on in (False, True):
-            set_checkpointing(pair, on)
-            row.append(activation_memory(pair, batch, device) / 2**20)
-        set_checkpointing(pair, False)
-        print(f"| {label} | {row[0]:.1f} MiB | {row[1]:.1f} MiB ({row[1] / row[0]:.2f}x) |")
+    prec_txt = "bf16 weights" if cuda else "fp32"
+    amp_txt = "autocast bf16" if cuda else "fp32"
+    lines = [f"# model_step: TimeSformer-{size} + BERT-{size} pretraining step (VTC + VTM + MLM)", ""]
+    lines += [f"- hardware: {hw}; torch {torch.__version__}; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+              f"- command: `{' '.join([Path(sys.executable).name, 'bench/model_step.py'] + sys.argv[1:])}`",
+              f"- {base_frames} frames (and {args.frames_ac} with activation checkpointing), text length {args.text_len}, "
+              f"precision {precision}, ZeRO-2 through megavid's build_engine for megavid rows; "
+              f"{warmup} warm-up + {steps} timed steps, median step time",
+              f"- FLOPs: megavid's analytic flops_per_sample (fwd+bwd) x clips/s; "
+              f"MFU peak: {f'{peak:.0f} TFLOP/s ({precision})' if peak else 'none (CPU has no table entry)'}"]
+    if diff is not None:
+        lines.append(f"- same-weights fp32 check on CPU (tiny config, B=4; transformers towers vs megavid): max |diff| of video tokens, "
+                     f"fusion output and loss = {diff:.1e}")
+    backends = {r["args"]["impl"]: r.get("backend") for _, r in results + ac_results if "backend" in r}
+    if "triton" in backends:
+        fb = "" if "triton" in (backends["triton"] or "") else " (Triton needs CUDA: the fused path fell back to its torch references)"
+        lines.append(f"- fused path backends actually run: {backends['triton']}{fb}")
+    header = ["| implementation | frames | AC | batch | step ms | clips/s | TFLOP/s | MFU | peak memory | vs transformers |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for title, rows in (("Largest batch that fits, no activation checkpointing", results),
+                        ("More frames, activation checkpointing every block", ac_results)):
+        if not rows:
+            continue
+        lines += ["", f"## {title}", ""] + header
+        ref: dict[int, float | None] = {}
+        for impl, r in rows:
+            label = IMPL_LABELS.get(impl, impl).format(amp=amp_txt, prec=prec_txt)
+            row, clips = fmt_row(label, r, peak, ref.get(r["args"]["frames"]), cuda)
+            if impl == "transformers":
+                ref[r["args"]["frames"]] = clips
+            lines.append(row)
+    lines += ["", f"wall time of the benchmark: {time.time() - t_start:.0f} s"]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"model_step_{hardware_slug(device)}_{size}_{precision}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
