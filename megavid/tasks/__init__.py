@@ -26,7 +26,7 @@ def register_task(name: str) -> Callable[[type], type]:
 
 def get_task(name: str) -> type:
     # import the task modules so that their decorators run
-    from megavid.tasks import pretrain, retrieval  # noqa: F401
+    from megavid.tasks import classification, pretrain, qa, retrieval  # noqa: F401
 
     if name not in TASKS:
         raise ConfigError(f"unknown task '{name}' (task.name); valid: {', '.join(sorted(TASKS))}")

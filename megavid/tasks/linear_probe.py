@@ -1,0 +1,95 @@
+"""Linear probing (``megavid linear-probe``): the standard protocol for comparing pretrained
+video encoders. The encoder is frozen; the pooled video features of the train, val and
+``eval.split`` splits are extracted once (cached under ``<run_dir>/features``, see
+:mod:`megavid.tasks.features`); an L2-regularised logistic regression is fitted on train for
+each weight decay of ``task.cls.probe_weight_decays``, the best on ``data.val`` is kept, and
+its score on ``eval.split`` is reported (top-1/top-5, or mAP for multi-label).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from megavid.config import Config, to_dict
+from megavid.errors import ConfigError
+
+FEATURE = "video_pooled"
+"""The probed feature: the video tower's pooled token (before the VTC projection)."""
+
+
+def probe_features(train: dict[str, Any], val: dict[str, Any], test: dict[str, Any], labels: Any,
+                   *, weight_decays: list[float], max_iter: int = 300) -> dict[str, Any]:
+    """Fit the sweep on ``train``, choose on ``val``, score on ``test``.
+
+    Args:
+        train, val, test: feature dicts (``get_split_features``) with "meta" and ``FEATURE``.
+        labels: a :class:`~megavid.tasks.classification.LabelSpace`.
+        weight_decays: the L2 sweep.
+        max_iter: L-BFGS iterations per fit.
+
+    Returns:
+        {"metrics", "val_metrics", "weight_decay", "sweep", "num_train", "num_val", "num_test"}.
+    """
+    from megavid.eval import linear_probe
+
+    y = {name: labels.targets(d["meta"]) for name, d in (("train", train), ("val", val), ("test", test))}
+    probe = linear_probe(train[FEATURE], y["train"], val[FEATURE], y["val"],
+                         weight_decays=weight_decays, multilabel=labels.multilabel,
+                         num_classes=labels.num_classes, max_iter=max_iter)
+    return {
+        "metrics": probe.score(test[FEATURE], y["test"]),
+        "val_metrics": probe.score(val[FEATURE], y["val"]),
+        "weight_decay": probe.weight_decay,
+        "sweep": {str(k): v for k, v in probe.sweep.items()},
+        "num_train": len(train["keys"]), "num_val": len(val["keys"]), "num_test": len(test["keys"]),
+    }
+
+
+def run_linear_probe(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
+    """`megavid linear-probe`: probe a frozen checkpoint; writes
+    ``<run_dir>/eval/linear_probe_<split>.json``.
+
+    Args:
+        cfg: the resolved config (``task.cls`` for labels and the sweep; ``eval.checkpoint``,
+            ``random`` for a randomly initialised encoder baseline).
+        overwrite: re-extract features even when the cache matches.
+        resume: the checkpoint to probe (default: eval.checkpoint or the run's latest).
+    """
+    from megavid.eval.results import write_results
+    from megavid.tasks.base import VideoTextTask
+    from megavid.tasks.classification import (
+        _chance, _setup, build_label_space, load_videolm, resolve_eval_checkpoint,
+    )
+    from megavid.tasks.features import get_split_features
+
+    c = cfg.task.cls
+    if not c.probe_weight_decays:
+        raise ConfigError("task.cls.probe_weight_decays is empty; give the L2 sweep, e.g. [1e-2, 1e-4]")
+    splits = {"train": cfg.data.train, "val": cfg.data.val, "test": cfg.eval.split}
+    if splits["test"] in ("train", "val", cfg.data.train, cfg.data.val):
+        raise ConfigError(f"eval.split={cfg.eval.split!r} is a split the probe is fitted or chosen "
+                          "on; report on a held-out split (e.g. eval.split=test)")
+    ckpt = resolve_eval_checkpoint(cfg, resume, allow_random=True)
+    task = VideoTextTask(cfg)
+    _setup(task)
+    labels = build_label_space(cfg)
+    model = load_videolm(cfg, task, ckpt)
+    feats = {name: get_split_features(cfg, task, model, name if name != "test" else cfg.eval.split,
+                                      ckpt, cache=not overwrite)
+             for name in splits}
+    result = probe_features(feats["train"], feats["val"], feats["test"], labels,
+                            weight_decays=list(c.probe_weight_decays), max_iter=c.probe_max_iter)
+    result.update({"split": cfg.eval.split, "feature": FEATURE, "labels": labels.to_dict(),
+                   "chance": _chance(labels.targets(feats["test"]["meta"]), labels)})
+    if task.rank == 0:
+        out = Path(cfg.run_dir) / "eval" / f"linear_probe_{cfg.eval.split}.json"
+        write_results(out, result, to_dict(cfg), ckpt)
+        m = result["metrics"]
+        print(f"linear probe ({'random init' if ckpt is None else ckpt}) on {result['num_test']} "
+              f"clips of '{cfg.eval.split}': " + ", ".join(f"{k} {v:.1f}" for k, v in m.items())
+              + f" (weight decay {result['weight_decay']:g}; chance {result['chance']})\nresults: {out}")
+    return result
+
+
+__all__ = ["FEATURE", "probe_features", "run_linear_probe"]

@@ -1,0 +1,46 @@
+"""Session fixtures of the issue #12 command tests: a small synthetic dataset and a briefly
+pretrained tiny VideoLM (its DeepSpeed checkpoint is what the evaluation commands load)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# 32 px, 4 frames: 4 patches per frame keeps every command a few seconds on 2 loaded cores
+BASE = ["model=timesformer_tiny", "data=synthetic", "model.video.img_size=32",
+        "model.video.num_frames=4", "data.num_workers=0", "data.batch_size=16",
+        "data.eval_batch_size=32", "train.precision=fp32", "train.zero_stage=0",
+        "train.tensorboard=false", "train.log_every=5", "run.device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def issue12_root(tmp_path_factory) -> Path:
+    """64 train / 32 val / 32 test clips, 8 frames of 32x32 VP9."""
+    from megavid.config import SyntheticConfig
+    from megavid.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("issue12_data")
+    generate_synthetic(root, SyntheticConfig(num_train=64, num_val=32, num_test=32, frames=8, size=32,
+                                             fps=8), workers=1, shard_max_count=40)
+    return root
+
+
+@pytest.fixture(scope="session")
+def base_args(issue12_root, tmp_path_factory) -> list[str]:
+    runs = tmp_path_factory.mktemp("issue12_runs")
+    return BASE + [f"data.root={issue12_root}", f"run.output_dir={runs}"]
+
+
+@pytest.fixture(scope="session")
+def pretrained(base_args) -> Path:
+    """Run dir of a tiny VideoLM pretrained (VTC) for a few steps through `megavid pretrain`."""
+    from megavid.cli import main
+    from megavid.config import compose
+
+    args = base_args + ["run.name=pre", "train.max_steps=12", "optim.lr=5e-4", "optim.warmup_steps=2"]
+    assert main(["pretrain", *args, "--overwrite"]) == 0
+    return compose(args).run_dir
