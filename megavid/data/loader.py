@@ -582,7 +582,32 @@ def get_split_spec(data_cfg: DataConfig, split: str) -> str:
     return split  # a folder / glob given directly
 
 
-_split_spec = get_split_spec  # older name, still used by other modules
+def read_split_meta(data_cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    """Every sample JSON of a split, in index order, read by seeking into the tars (no decode).
+
+    A member that is not valid JSON gives ``{}``: the loader skips and counts such a sample.
+
+    Args:
+        data_cfg: the ``data`` config section.
+        split: 'train', 'val', 'test' or a shard spec.
+    """
+    table = build_sample_table(get_split_spec(data_cfg, split), data_cfg.root)
+    out: list[dict[str, Any]] = []
+    fds: dict[int, int] = {}
+    try:
+        for i in range(len(table)):
+            tid = int(table.tar_id[i])
+            if tid not in fds:
+                fds[tid] = os.open(table.tars[tid], os.O_RDONLY)
+            offset, size = (int(v) for v in table.meta[i])
+            try:
+                out.append(json.loads(os.pread(fds[tid], size, offset)))
+            except ValueError:
+                out.append({})
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
 
 
 def build_pyav_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0,

@@ -16,7 +16,6 @@ pooled token, the standard finetuning feature) plus a linear head; weights named
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torch import nn
 from megavid.config import Config, to_dict
 from megavid.errors import CheckpointError, ConfigError, DataError
 from megavid.tasks import register_task
+from megavid.data.loader import read_split_meta
 from megavid.tasks.base import VideoTextTask
 
 log = logging.getLogger(__name__)
@@ -208,31 +208,6 @@ class LabelSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {"classes": list(self.classes), "multilabel": self.multilabel}
-
-
-def read_split_meta(data_cfg: Any, split: str) -> list[dict]:
-    """Every sample JSON of a split, in index order, read straight from the tars (no decode).
-
-    Args:
-        data_cfg: the ``data`` config section.
-        split: 'train', 'val', 'test' or a shard spec.
-    """
-    from megavid.data.loader import _split_spec, build_sample_table
-
-    table = build_sample_table(_split_spec(data_cfg, split), data_cfg.root)
-    out = []
-    fds: dict[int, int] = {}
-    try:
-        for i in range(len(table)):
-            tid = int(table.tar_id[i])
-            if tid not in fds:
-                fds[tid] = os.open(table.tars[tid], os.O_RDONLY)
-            off, size = (int(v) for v in table.meta[i])
-            out.append(json.loads(os.pread(fds[tid], size, off)))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return out
 
 
 def build_label_space(cfg: Config) -> LabelSpace:

@@ -135,9 +135,9 @@ def load_features(folder: str | Path) -> dict[str, Any]:
 
 def _cache_signature(cfg: Config, split: str) -> dict[str, Any]:
     """What the features of a split depend on besides the weights."""
-    from megavid.data.loader import _split_spec
+    from megavid.data.loader import get_split_spec
 
-    return {"split": split, "shards": str(_split_spec(cfg.data, split)), "root": cfg.data.root,
+    return {"split": split, "shards": str(get_split_spec(cfg.data, split)), "root": cfg.data.root,
             "num_frames": cfg.data.num_frames, "img_size": cfg.data.img_size,
             "max_text_len": cfg.data.max_text_len, "tokenizer": cfg.data.tokenizer}
 

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavid.config import Config, DataConfig, to_dict
+from megavid.config import Config, to_dict
 from megavid.errors import ConfigError, DataError
 from megavid.tasks import register_task
+from megavid.data.loader import read_split_meta
 from megavid.tasks.base import VideoTextTask
 
 log = logging.getLogger(__name__)
@@ -56,38 +57,6 @@ def build_answer_vocab(answers: Iterable[str], k: int) -> list[str]:
                           "set model.num_answers (e.g. 1000 for MSRVTT-QA)")
     counts = Counter(answers)
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
-
-
-def _split_spec(data_cfg: DataConfig, split: str) -> str:
-    return getattr(data_cfg, split) if split in ("train", "val", "test") else split
-
-
-def read_split_meta(data_cfg: DataConfig, split: str) -> list[dict[str, Any]]:
-    """Every sample JSON of a split, in index order (read by seeking into the tars).
-
-    Args:
-        data_cfg: the ``data`` section (root, split specs).
-        split: 'train', 'val', 'test' or a shard spec.
-    """
-    from megavid.data.loader import build_sample_table
-
-    table = build_sample_table(_split_spec(data_cfg, split), data_cfg.root)
-    out: list[dict[str, Any]] = []
-    fds: dict[int, int] = {}
-    try:
-        for i in range(len(table)):
-            tid = int(table.tar_id[i])
-            if tid not in fds:
-                fds[tid] = os.open(table.tars[tid], os.O_RDONLY)
-            offset, size = (int(v) for v in table.meta[i])
-            try:
-                out.append(json.loads(os.pread(fds[tid], size, offset)))
-            except ValueError:
-                out.append({})  # the loader skips and counts such a sample; so does the vocab
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return out
 
 
 def _qa_pairs(meta: dict[str, Any]) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ split with a model, arranges the tensors, and writes the results JSON.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -61,8 +60,8 @@ def encode_split(model: nn.Module, loader, task, *, keep_tokens: bool = False) -
     out = EncodedSplit(
         video_feat=gather_features(torch.cat(vf), valid),
         text_feat=gather_features(torch.cat(tf), valid),
-        keys=[k for k, ok in zip(gather_objects(keys), gather_objects(valid.tolist())) if ok],
-        meta=[m for m, ok in zip(gather_objects(metas), gather_objects(valid.tolist())) if ok],
+        keys=gather_objects(keys, valid),
+        meta=gather_objects(metas, valid),
     )
     if keep_tokens:
         out.video_tokens = gather_features(torch.cat(toks), valid)
