@@ -128,6 +128,8 @@ class ModelConfig:
     """Dimension of the VTC projection space."""
     temperature: float = 0.07
     """Initial VTC temperature (learnable)."""
+    video_pool: Literal["cls", "mean"] = "cls"
+    """Video feature for VTC: the cls output (TimeSformer) or the mean of the patch tokens."""
     text_pool: Literal["cls", "mean"] = "cls"
     """Text feature for VTC: the [CLS] state (BERT/ALPRO) or the masked token mean (MiniLM)."""
     attn_impl: Literal["sdpa", "math"] = "sdpa"

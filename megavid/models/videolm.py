@@ -106,6 +106,7 @@ class VideoLM(nn.Module):
         self.vision_proj = nn.Linear(Dv, P)
         self.text_proj = nn.Linear(Dt, P)
         self.text_pool = cfg.text_pool
+        self.video_pool = cfg.video_pool
         # shape [1], not a 0-dim scalar: DeepSpeed's bf16 broadcast views params as bytes
         self.temp = nn.Parameter(torch.full((1,), float(cfg.temperature)))
         # Heads are built whatever the loss weights, so that checkpoints have one layout across
@@ -161,7 +162,11 @@ class VideoLM(nn.Module):
             (tokens [B, 1 + N*T, Dv], projected L2-normalised feature [B, proj_dim]).
         """
         tokens, pooled = self.video_encoder(video_BTCHW)
-        return tokens, F.normalize(self.vision_proj(pooled), dim=-1)
+        return tokens, F.normalize(self.vision_proj(self._pool_video(tokens, pooled)), dim=-1)
+
+    def _pool_video(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        # "mean": the mean of the patch tokens (after temporal attention), "cls": the cls output
+        return tokens[:, 1:].mean(dim=1) if self.video_pool == "mean" else pooled
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args:
@@ -256,8 +261,8 @@ class VideoLM(nn.Module):
         ctx = (torch.autocast("cuda", dtype=video_BTCHW.dtype)
                if low and video_BTCHW.device.type == "cuda" else nullcontext())
         with ctx:
-            _, pooled = self.video_encoder_m(video_BTCHW.float())
-            v_feat = F.normalize(self.vision_proj_m(pooled).float(), dim=-1)
+            tokens_m, pooled = self.video_encoder_m(video_BTCHW.float())
+            v_feat = F.normalize(self.vision_proj_m(self._pool_video(tokens_m, pooled)).float(), dim=-1)
             hidden = self.text_encoder_m.forward_text(input_ids, attention_mask)
             t_feat = F.normalize(self.text_proj_m(self._pool_text(hidden, attention_mask)).float(), dim=-1)
         return v_feat, t_feat

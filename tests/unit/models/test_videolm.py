@@ -232,3 +232,23 @@ def test_fused_kernel_path_matches_unfused(make_cfg, make_batch) -> None:
     g_ref = dict(ref.named_parameters())
     for n, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, g_ref[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_feature_pooling_options(make_cfg, make_batch, pool: str) -> None:
+    """video_pool/text_pool pick the cls outputs or the (masked) token means, computed by hand."""
+    torch.manual_seed(0)
+    cfg = make_cfg(video_pool=pool, text_pool=pool)
+    model = build_model(cfg).eval()
+    video, ids, mask = make_batch(cfg)[:3]
+    with torch.no_grad():
+        tokens, v_feat = model.encode_video(video)
+        hidden, t_feat = model.encode_text(ids, mask)
+    if pool == "cls":
+        v_ref, t_ref = tokens[:, 0], hidden[:, 0]
+    else:
+        v_ref = tokens[:, 1:].sum(1) / tokens[:, 1:].shape[1]
+        m = mask.float()
+        t_ref = torch.stack([(hidden[b] * m[b, :, None]).sum(0) / m[b].sum() for b in range(len(ids))])
+    torch.testing.assert_close(v_feat, torch.nn.functional.normalize(model.vision_proj(v_ref), dim=-1))
+    torch.testing.assert_close(t_feat, torch.nn.functional.normalize(model.text_proj(t_ref), dim=-1))
