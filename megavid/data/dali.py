@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from megavid.data.frames import FRAMES_CODEC, is_frames_shard_dir, sample_clip_frames
-from megavid.data.loader import VideoTextLoader, build_sample_table
+from megavid.data.loader import VideoTextLoader, _SampleFailed, build_sample_table
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
 from megavid.data.text import build_tokenizer, tokenize
 from megavid.data.transforms import get_random_resized_crop_box, is_flip_safe, sample_texts
@@ -550,14 +550,6 @@ def iter_dali_frames_reader(
 # --------------------------------------------------------------------------------------------
 # Loader
 # --------------------------------------------------------------------------------------------
-class _SampleFailed(Exception):
-    """A sample that cannot be used; ``reason`` keys ``loader.failures`` (as in the PyAV loader)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 @dataclass(slots=True)
 class _Prepared:
     """One batch read and planned in Python, waiting for DALI's output."""

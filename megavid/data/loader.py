@@ -190,6 +190,8 @@ def get_resampled_indices(num_samples: int, seed: int, first_step: int, steps: i
 # Batch building (runs in the DataLoader workers)
 # --------------------------------------------------------------------------------------------
 class _SampleFailed(Exception):
+    """A sample that cannot be used; ``reason`` keys ``loader.failures`` (PyAV and DALI)."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
