@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from megavid.data.frames import FRAMES_CODEC, is_frames_shard_dir, sample_clip_frames
-from megavid.data.loader import VideoTextLoader, _SampleFailed, build_sample_table
+from megavid.data.loader import VideoTextLoader, _SampleFailed, build_sample_table, choose_caption
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
 from megavid.data.text import build_tokenizer, tokenize
 from megavid.data.transforms import get_random_resized_crop_box, is_flip_safe, sample_texts
@@ -685,20 +685,7 @@ class DaliLoader(VideoTextLoader):
             meta = json.loads(self._read(index, self.table.meta))
         except (ValueError, UnicodeDecodeError) as e:
             raise _SampleFailed("bad_json", str(e)) from e
-        captions = meta.get("captions")
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = [c for c in (captions or []) if isinstance(c, str) and c.strip()]
-        if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
-            captions = [meta["caption"]]
-        if not captions:
-            raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
-        if self.train:  # the PyAV loader's choice: the sample's "caption" generator
-            caption = captions[int(get_sample_rng(self.seed, epoch, index, "caption")
-                                   .integers(len(captions)))]
-        else:
-            caption = captions[0]
-        return meta, caption
+        return meta, choose_caption(meta, train=self.train, seed=self.seed, epoch=epoch, index=index)
 
     def _fail(self, index: int, reason: str, detail: str) -> None:
         shard, key = self._where(index)

@@ -197,6 +197,25 @@ class _SampleFailed(Exception):
         self.reason = reason
 
 
+def choose_caption(meta: dict, *, train: bool, seed: int, epoch: int, index: int) -> str:
+    """The caption a sample is trained/evaluated with (shared by every backend).
+
+    Train: one of its non-empty captions, drawn from the sample's (seed, epoch, index) "caption"
+    RNG; eval: the first. Raises _SampleFailed("no_caption") when it has none.
+    """
+    captions = meta.get("captions")
+    if isinstance(captions, str):
+        captions = [captions]
+    captions = [c for c in (captions or []) if isinstance(c, str) and c.strip()]
+    if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
+        captions = [meta["caption"]]
+    if not captions:
+        raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
+    if train:
+        return captions[int(get_sample_rng(seed, epoch, index, "caption").integers(len(captions)))]
+    return captions[0]
+
+
 @dataclass(slots=True)
 class _EpochPlan:
     """What one pass over the loader reads: fixed when iteration starts."""
@@ -253,19 +272,7 @@ class _BatchDataset(Dataset):
             raise _SampleFailed("bad_json", str(e)) from e
         except OSError as e:
             raise _SampleFailed("read_error", str(e)) from e
-        captions = meta.get("captions")
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = [c for c in (captions or []) if isinstance(c, str) and c.strip()]
-        if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
-            captions = [meta["caption"]]
-        if not captions:
-            raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
-        if self.train:
-            rng = get_sample_rng(self.seed, epoch, index, "caption")
-            caption = captions[int(rng.integers(len(captions)))]
-        else:
-            caption = captions[0]
+        caption = choose_caption(meta, train=self.train, seed=self.seed, epoch=epoch, index=index)
         stored = self.table.frames
         try:
             video = self._read(index, self.table.video) if stored is None else b""
