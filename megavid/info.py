@@ -168,19 +168,29 @@ def check_pyav(codec: str = "vp9") -> CheckResult:
                        f"frames 0/4/7 decoded, mean |diff| vs full decode {err:.2f}")
 
 
-def check_dali(device: str, codec: str) -> CheckResult:
-    """Decode a tiny clip with megavid's DALI pipeline on ``device`` ('cpu' or 'mixed')."""
-    name = f"DALI {device} ({codec})"
-    try:
-        import torch
+def _dali_unusable(name: str, device: str) -> "CheckResult | None":
+    """A skip result when DALI is missing or a "mixed" check has no GPU; None when usable."""
+    import torch
 
-        from megavid.data import dali
-    except ImportError as e:
-        return CheckResult(name, False, f"cannot import: {e}")
+    from megavid.data import dali
+
     if not dali.dali_available():
         return CheckResult(name, None, "nvidia-dali is not installed (pip install megavid[dali])")
     if device == "mixed" and not torch.cuda.is_available():
         return CheckResult(name, None, "skipped: no CUDA GPU")
+    return None
+
+
+def check_dali(device: str, codec: str) -> CheckResult:
+    """Decode a tiny clip with megavid's DALI pipeline on ``device`` ('cpu' or 'mixed')."""
+    name = f"DALI {device} ({codec})"
+    try:
+        from megavid.data import dali
+    except ImportError as e:
+        return CheckResult(name, False, f"cannot import: {e}")
+    skipped = _dali_unusable(name, device)
+    if skipped is not None:
+        return skipped
     try:
         video = _encode(codec)
         frames = [0, 4, 7]
@@ -213,16 +223,13 @@ def check_dali_frames(device: str) -> CheckResult:
     ('cpu' or 'mixed': hardware JPEG decoder) and compare with PIL's decode."""
     name = f"DALI {device} (jpeg frames)"
     try:
-        import torch
-
         from megavid.data import dali
         from megavid.data.frames import decode_jpeg, encode_jpeg
     except ImportError as e:
         return CheckResult(name, False, f"cannot import: {e}")
-    if not dali.dali_available():
-        return CheckResult(name, None, "nvidia-dali is not installed (pip install megavid[dali])")
-    if device == "mixed" and not torch.cuda.is_available():
-        return CheckResult(name, None, "skipped: no CUDA GPU")
+    skipped = _dali_unusable(name, device)
+    if skipped is not None:
+        return skipped
     try:
         jpegs = [encode_jpeg(f) for f in _test_frames(3)]
         inputs = ([np.frombuffer(j, np.uint8) for j in jpegs], [np.zeros(2, np.float32)] * 3,
