@@ -32,6 +32,7 @@ CONFIG_JOBS: dict[str, tuple[str, str]] = {
 TOOL_JOBS: dict[str, tuple[str, str]] = {
     "make-shards": ("megavid.data.make_shards:main", "make validated webdataset shards from videos + annotations"),
     "verify-shards": ("megavid.data.shards:verify_main", "check every shard, index and stats file"),
+    "shard-stats": ("megavid.data.stats:main", "totals, duration histogram, codec/resolution counts, failures (--json)"),
     "info": ("megavid.info:main", "versions, devices and working decode backends"),
     "launch": ("megavid.launch:main", "multi-node launch: check-hostfile, deepspeed, torchrun, slurm, make-sbatch"),
 }

@@ -21,6 +21,48 @@ grouped by video and window), which fixes the sample order of the shards. Suppor
 - ``qa``: question-answer JSON list (``video``/``video_id``, ``question``, ``answer``,
   optional ``type``/``choices``/``caption``) grouped per video; the caption defaults to the
   question + answer text.
+- ``queryd``: QuerYD as released with the collaborative-experts features
+  (``structured-symlinks/raw_captions_combined_filtered-v2.pkl``: ``{video_id: [[token, ...],
+  ...]}``, one token list per description sentence; the same mapping as JSON is accepted, and
+  so are plain-text captions). ``--split train`` keeps the ids of ``train_list.txt`` beside it.
+  One sample per video, its sentences as captions. The pickle is read with an unpickler that
+  only builds dicts, lists and strings (a pickle can otherwise run code).
+- ``condensed_movies``: Condensed Movies ``metadata/descriptions.csv`` (``videoid``,
+  ``imdbid``, ``duration``, ``description``; ``caption`` is accepted for ``description``): one
+  sample per clip, the clip description as caption. An ``upload_year`` column (as in
+  ``metadata/clips.csv`` merged in) makes the video path ``<upload_year>/<videoid>`` (the
+  released ``videos/<year>/<videoid>.mkv`` tree); otherwise the file is found by its id.
+- ``epic_kitchens``: Epic-Kitchens-100 ``EPIC_100_train.csv``/``EPIC_100_validation.csv``
+  (``narration_id, participant_id, video_id, narration_timestamp, start_timestamp,
+  stop_timestamp`` (``HH:MM:SS.ff``), ``start_frame, stop_frame, narration, verb, verb_class,
+  noun, noun_class, all_nouns, all_noun_classes``): one sample per narration, keyed by
+  ``narration_id``, a window ``start``/``end`` inside the long video ``<video_id>`` (not cut),
+  the narration as caption, and ``verb``/``verb_class``/``noun``/``noun_class``/``all_nouns``/
+  ``all_noun_classes``/``participant_id``/``narration_id`` in the sample JSON (train with
+  ``task.cls.label_field=verb_class`` or ``noun_class``).
+- ``charades_ego``: Charades-Ego ``CharadesEgo_v1_train.csv``/``_test.csv`` (``id, subject,
+  scene, quality, relevance, verified, script, objects, descriptions, actions, length``; later
+  columns such as ``egocentric``/``charades_video`` are kept as metadata): one sample per video
+  ``<id>``, captions = ``descriptions`` then ``script``, ``labels`` = the sorted class numbers of
+  ``actions`` (``c092 11.90 21.20;c147 0.00 12.60`` -> ``[92, 147]``, multi-label), and one
+  ``segments`` entry per action: ``{"start", "end", "label", "class_id", "caption"}``.
+- ``classification``: single-label lists: ``path,label`` CSV (header optional; a header names
+  ``path``/``video``/... and ``label``), or ``path label`` lines (Kinetics ``*_list_videos.txt``,
+  UCF-101 ``trainlist01.txt``; a line with only a path, as in UCF's ``testlist01.txt``, takes
+  its class folder as the label). The sample JSON gets ``label`` (an int when the file writes a
+  number, else the class name) and the class name (or the folder name) as caption.
+- ``multilabel``: ``path,l1;l2`` CSV (or ``path,l1,l2,...``) and ``path l1 l2 ...`` lines: the
+  sample JSON gets ``labels`` (a list; ints where the file writes numbers).
+
+Official layouts followed: QuerYD as repackaged by github.com/albanie/collaborative-experts
+(the QuerYD release, robots.ox.ac.uk/~vgg/data/queryd); github.com/m-bain/CondensedMovies
+(``metadata/``); github.com/epic-kitchens/epic-kitchens-100-annotations; Charades-Ego v1
+(prior.allenai.org/projects/charades-ego, ``CharadesEgo.zip``); mmaction2's Kinetics video
+lists and UCF-101's ``ucfTrainTestlist``.
+
+Classification jobs read ``label``/``labels`` (``task.cls.label_field``), so these formats write
+exactly those fields. ``--path-template`` (csv/tsv, classification CSVs) builds the video path
+from a row's columns with :meth:`str.format`, e.g. WebVid's ``{page_dir}/{videoid}.mp4``.
 
 Problems with the whole file (missing, unreadable, not the declared format, a mapped column
 that does not exist) raise :class:`DataError` before any video is touched; problems with a
@@ -30,8 +72,11 @@ so that make-shards counts them with the other failures.
 
 from __future__ import annotations
 
+import ast
 import csv
+import io
 import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +84,13 @@ from typing import Any, Callable
 
 from megavid.errors import DataError
 
-FORMATS = ("csv", "tsv", "jsonl", "json", "msrvtt", "didemo", "activitynet", "egoclip", "qa")
+FORMATS = ("csv", "tsv", "jsonl", "json", "msrvtt", "didemo", "activitynet", "egoclip", "qa",
+           "queryd", "condensed_movies", "epic_kitchens", "charades_ego", "classification",
+           "multilabel")
 REASON_NO_CAPTION = "no_caption"
 REASON_BAD_CAPTION = "non_text_caption"
 REASON_BAD_WINDOW = "bad_window"
+REASON_NO_LABEL = "no_label"
 _VIDEO_COLS = ("video", "video_id", "videoid", "video_path", "path", "file", "filename", "video_uid")
 _CAPTION_COLS = ("caption", "captions", "text", "sentence", "name", "description", "clip_text")
 
@@ -128,15 +176,47 @@ def _group(records: list[Record]) -> list[Record]:
     return list(out.values())
 
 
+def check_path_template(template: str, cols: list[str], path: Path) -> None:
+    """Raise DataError unless every ``{field}`` of a ``--path-template`` is a column of ``path``."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise DataError(f"--path-template {template!r} is not a valid format string ({e})") from e
+    bad = [f for f in fields if not f or f.split(".")[0].split("[")[0] not in cols]
+    if bad or not fields:
+        raise DataError(
+            f"--path-template {template!r} names {', '.join(map(repr, bad)) or 'no column'}, which "
+            f"{path} does not have (columns: {', '.join(cols)}); use {{column}} fields of the file"
+        )
+
+
+def apply_path_template(template: str | None, row: dict[str, Any], default: str, where: str) -> str:
+    """The video path of one row: ``template.format(**row)`` (stripped values), or ``default``."""
+    if not template:
+        return default
+    try:
+        return template.format(**{k: (v or "").strip() for k, v in row.items() if k is not None})
+    except (ValueError, IndexError, KeyError) as e:
+        raise DataError(f"{where}: --path-template {template!r} does not apply to this row ({e})") from e
+
+
 def read_table(path: Path, *, delimiter: str, video_col: str | None = None,
                caption_col: str | None = None, key_col: str | None = None,
-               start_col: str | None = None, end_col: str | None = None) -> list[Record]:
-    """CSV/TSV with a header row; columns picked by name (or common defaults)."""
+               start_col: str | None = None, end_col: str | None = None,
+               path_template: str | None = None) -> list[Record]:
+    """CSV/TSV with a header row; columns picked by name (or common defaults).
+
+    ``path_template`` (e.g. WebVid's ``{page_dir}/{videoid}.mp4``) builds the video path from
+    the row's columns instead of reading it from ``video_col``."""
     text = _read_text(path)
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     cols = reader.fieldnames or []
     if not cols:
         raise DataError(f"annotation file '{path}' has no header row; add one naming the columns")
+    if path_template:
+        check_path_template(path_template, cols, path)
 
     def pick(given: str | None, defaults: tuple[str, ...], what: str, flag: str) -> str | None:
         if given:
@@ -147,7 +227,7 @@ def read_table(path: Path, *, delimiter: str, video_col: str | None = None,
 
     vcol = pick(video_col, _VIDEO_COLS, "the video", "--video-col")
     ccol = pick(caption_col, _CAPTION_COLS, "the caption", "--caption-col")
-    if vcol is None or ccol is None:
+    if (vcol is None and not path_template) or ccol is None:
         raise DataError(
             f"{path}: cannot tell which columns hold the video and the caption (columns: "
             f"{', '.join(cols)}); pass --video-col and --caption-col"
@@ -159,7 +239,7 @@ def read_table(path: Path, *, delimiter: str, video_col: str | None = None,
     for i, row in enumerate(reader, start=2):
         where = f"{path}:{i}"
         records.append(_check_captions(Record(
-            video=(row.get(vcol) or "").strip(),
+            video=apply_path_template(path_template, row, (row.get(vcol) or "").strip() if vcol else "", where),
             captions=[row.get(ccol)],
             key=(row.get(kcol) or "").strip() if kcol else "",
             start=_float_or_none(row.get(scol), where) if scol else None,
@@ -331,11 +411,257 @@ def read_qa(path: Path) -> list[Record]:
     return _group(recs)
 
 
+# --------------------------------------------------------------------------------------------
+# Dataset-specific formats
+# --------------------------------------------------------------------------------------------
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles only built-in containers and scalars: a pickle can name any callable, and an
+    annotation file must never run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an annotation pickle")
+
+
+def _read_table_rows(path: Path, need: set[str], what: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of a CSV (or TSV, told by a tab in the header) that must have the ``need`` columns."""
+    text = _read_text(path)
+    first = text.split("\n", 1)[0]
+    reader = csv.DictReader(text.splitlines(), delimiter="\t" if "\t" in first else ",")
+    cols = [c.strip() for c in reader.fieldnames or []]
+    missing = need - set(cols)
+    if missing:
+        raise DataError(f"{path}: not {what} (missing columns {', '.join(sorted(missing))}); check --format")
+    rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    return rows, cols
+
+
+def read_queryd(path: Path, split: str | None = None) -> list[Record]:
+    """QuerYD ``raw_captions_combined_filtered*.pkl`` (or the same mapping as JSON):
+    ``{video_id: [[token, ...], ...]}`` -> one sample per video, a caption per sentence."""
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        if not path.is_file():
+            _read_text(path)  # raises the "does not exist / not a file" error
+        try:
+            data = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+            raise DataError(f"{path}: not a QuerYD caption pickle ({e}); check --format") from e
+    else:
+        data = _load_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a QuerYD caption file (expected {{video_id: sentences}}); check --format")
+    keep: set[str] | None = None
+    if split:
+        split_file = path.parent / f"{split}_list.txt"
+        keep = {ln.strip() for ln in _read_text(split_file).splitlines() if ln.strip()}
+    out = []
+    for vid, sents in data.items():
+        if keep is not None and vid not in keep:
+            continue
+        caps: list[Any] = []
+        for s in sents if isinstance(sents, list) else [sents]:
+            if isinstance(s, list) and all(isinstance(t, str) for t in s):
+                caps.append(" ".join(t.strip() for t in s if t.strip()))  # a token list
+            else:
+                caps.append(s)  # a string, or something _check_captions rejects
+        extra = {"split": split} if split else {}
+        out.append(_check_captions(Record(video=str(vid), captions=caps, extra=extra)))
+    return out
+
+
+def read_condensed_movies(path: Path) -> list[Record]:
+    """Condensed Movies ``descriptions.csv``: one sample per clip (``videoid``)."""
+    text_cols = ("description", "caption")
+    rows, cols = _read_table_rows(path, {"videoid"}, "a Condensed Movies metadata CSV")
+    tcol = next((c for c in text_cols if c in cols), None)
+    if tcol is None:
+        raise DataError(f"{path}: no 'description' (or 'caption') column; check --format")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        vid = (row.get("videoid") or "").strip()
+        year = (row.get("upload_year") or "").strip()
+        if year.endswith(".0"):  # pandas-written years
+            year = year[:-2]
+        extra = {k: row[k].strip() for k in ("imdbid", "title", "clip_name")
+                 if row.get(k) and row[k].strip()}
+        if year:
+            extra["upload_year"] = year
+        out.append(_check_captions(Record(
+            video=f"{year}/{vid}" if year else vid, captions=[row.get(tcol)], key=vid,
+            extra=extra, line=i)))
+    return out
+
+
+def parse_timestamp(value: str, where: str) -> float:
+    """``HH:MM:SS.ff`` (Epic-Kitchens) or plain seconds -> seconds."""
+    parts = (value or "").strip().split(":")
+    try:
+        secs = 0.0
+        for part in parts:
+            secs = secs * 60 + float(part)
+        if len(parts) > 3 or not parts[-1]:
+            raise ValueError(value)
+        return secs
+    except ValueError as e:
+        raise DataError(f"{where}: timestamp {value!r} is not HH:MM:SS.ff; fix the annotation file") from e
+
+
+def _literal(value: str) -> Any:
+    """A Python literal column (EK-100 ``all_nouns`` = ``['door', 'tap']``), else the text."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _int_or_str(value: str) -> int | str:
+    value = value.strip()
+    return int(value) if re.fullmatch(r"-?\d+", value) else value
+
+
+_EK100_COLS = {"narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp",
+               "narration", "verb", "verb_class", "noun", "noun_class"}
+
+
+def read_epic_kitchens(path: Path) -> list[Record]:
+    """EPIC_100_{train,validation}.csv: one windowed sample per narration (the video is not cut)."""
+    rows, _ = _read_table_rows(path, _EK100_COLS, "an Epic-Kitchens-100 CSV")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        where = f"{path}:{i}"
+        extra: dict[str, Any] = {
+            "narration_id": row["narration_id"].strip(), "participant_id": row["participant_id"].strip(),
+            "verb": row["verb"].strip(), "noun": row["noun"].strip(),
+        }
+        for k in ("verb_class", "noun_class"):
+            v = _int_or_str(row[k] or "")
+            if not isinstance(v, int):
+                raise DataError(f"{where}: {k} {row[k]!r} is not an integer; fix the annotation file")
+            extra[k] = v
+        for k in ("all_nouns", "all_noun_classes"):
+            if row.get(k):
+                extra[k] = _literal(row[k])
+        for k in ("start_frame", "stop_frame"):
+            if (row.get(k) or "").strip().isdigit():
+                extra[k] = int(row[k])
+        out.append(_check_captions(Record(
+            video=row["video_id"].strip(), captions=[row["narration"]], key=row["narration_id"].strip(),
+            start=parse_timestamp(row["start_timestamp"], where),
+            end=parse_timestamp(row["stop_timestamp"], where), extra=extra, line=i)))
+    return out
+
+
+def parse_charades_actions(actions: str, where: str) -> list[tuple[str, float, float]]:
+    """``c092 11.90 21.20;c147 0.00 12.60`` -> [(class id, start s, end s), ...]."""
+    out = []
+    for part in (actions or "").split(";"):
+        if not part.strip():
+            continue
+        fields = part.split()
+        if len(fields) != 3 or not re.fullmatch(r"c\d+", fields[0]):
+            raise DataError(f"{where}: action {part.strip()!r} is not 'cNNN start end'; fix the annotation file")
+        out.append((fields[0], _float_or_none(fields[1], where) or 0.0, _float_or_none(fields[2], where) or 0.0))
+    return out
+
+
+def read_charades_ego(path: Path) -> list[Record]:
+    """CharadesEgo_v1_{train,test}.csv: one multi-label sample per video with action windows."""
+    rows, cols = _read_table_rows(path, {"id", "script", "descriptions", "actions"}, "a Charades-Ego CSV")
+    meta_cols = [c for c in cols if c not in ("id", "script", "descriptions", "actions", "objects")]
+    out = []
+    for i, row in enumerate(rows, start=2):
+        where = f"{path}:{i}"
+        actions = parse_charades_actions(row["actions"], where)
+        segments = [{"start": s, "end": e, "label": int(c[1:]), "class_id": c} for c, s, e in actions]
+        extra: dict[str, Any] = {"labels": sorted({int(c[1:]) for c, _, _ in actions}),
+                                 "segments": segments}
+        extra.update({c: row[c].strip() for c in meta_cols if row.get(c) and row[c].strip()})
+        if row.get("objects"):
+            extra["objects"] = [o for o in row["objects"].split(";") if o]
+        caps = [row.get("descriptions"), row.get("script")]
+        out.append(_check_captions(Record(
+            video=row["id"].strip(), captions=[c for c in caps if c and c.strip()] or [None],
+            extra=extra, line=i)))
+    return out
+
+
+_LABEL_HEADER_VIDEO = ("path", "video", "video_id", "videoid", "filename", "file", "id")
+
+
+def read_label_list(path: Path, *, multilabel: bool, path_template: str | None = None) -> list[Record]:
+    """Classification lists (see the module doc): ``label`` or ``labels`` + a caption."""
+    text = _read_text(path)
+    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    if not lines:
+        raise DataError(f"label file '{path}' is empty; check --annotations")
+    is_csv = path.suffix.lower() == ".csv" or "," in lines[0][1]
+    rows: list[tuple[int, str, list[str]]] = []  # (line, video, raw labels)
+    if is_csv:
+        table = list(csv.reader([ln for _, ln in lines]))
+        header = [h.strip().lower() for h in table[0]]
+        lcol = next((c for c in ("labels", "label") if c in header), None)
+        vcol = next((c for c in _LABEL_HEADER_VIDEO if c in header), None)
+        if lcol is not None:
+            if vcol is None and not path_template:
+                raise DataError(f"{path}: no video column (one of {', '.join(_LABEL_HEADER_VIDEO)}); "
+                                "rename it or pass --path-template")
+            if path_template:
+                check_path_template(path_template, list(table[0]), path)
+            i_v = header.index(vcol) if vcol else -1
+            i_l = header.index(lcol)
+            for (line, _), r in zip(lines[1:], table[1:]):
+                row = dict(zip(table[0], r))
+                video = apply_path_template(path_template, row, r[i_v].strip() if 0 <= i_v < len(r) else "",
+                                            f"{path}:{line}")
+                raw = r[i_l] if i_l < len(r) else ""
+                rows.append((line, video, re.split(r"[;|]", raw) if multilabel else [raw]))
+        else:
+            for (line, _), r in zip(lines, table):
+                raw = r[1:] if multilabel else r[1:2]
+                if multilabel and len(raw) == 1:
+                    raw = re.split(r"[;|\s]+", raw[0])
+                rows.append((line, r[0].strip(), raw))
+    else:
+        for line, ln in lines:
+            if multilabel:
+                video, *raw = ln.split()
+            else:
+                parts = ln.rsplit(None, 1)
+                # "folder/v_x.avi 12" or "folder/v_x.avi" (UCF-101 test lists: the folder is the class)
+                if len(parts) == 2 and re.fullmatch(r"-?\d+", parts[1]):
+                    video, raw = parts[0].strip(), [parts[1]]
+                else:
+                    video = ln.strip()
+                    raw = [Path(video).parent.name]
+            rows.append((line, video, raw))
+    out = []
+    for line, video, raw in rows:
+        labels = [_int_or_str(v) for v in raw if v.strip()]
+        folder = Path(video).parent.name
+        if not labels and not multilabel:
+            out.append(Record(video=video, captions=[], error=REASON_NO_LABEL, line=line))
+            continue
+        # the caption: class names as text (a label file has no sentence of its own)
+        names = [v for v in labels if isinstance(v, str)] or ([folder] if folder else [str(v) for v in labels])
+        caption = ", ".join(n.replace("_", " ") for n in names) or None
+        extra: dict[str, Any] = {"labels": labels} if multilabel else {"label": labels[0]}
+        out.append(_check_captions(Record(video=video, captions=[caption], extra=extra, line=line)))
+    return out
+
+
 def detect_format(path: Path) -> str:
     """Guess the format from the extension and (for JSON) the top-level shape."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
+        head = {c.strip() for c in next(csv.reader([_read_text(path).split("\n", 1)[0]]), [])}
+        if _EK100_COLS <= head:
+            return "epic_kitchens"
+        if {"id", "actions", "descriptions", "script"} <= head:
+            return "charades_ego"
+        if "videoid" in head and "description" in head:
+            return "condensed_movies"
         return "csv"
+    if suffix in (".pkl", ".pickle"):
+        return "queryd"
     if suffix == ".tsv":
         head = _read_text(path).split("\n", 1)[0]
         return "egoclip" if "clip_text" in head and "video_uid" in head else "tsv"
@@ -363,8 +689,9 @@ def read_annotations(path: str | Path, fmt: str = "auto", **options: Any) -> lis
     Args:
         path: the annotation file.
         fmt: one of :data:`FORMATS` or ``auto``.
-        **options: ``video_col``, ``caption_col``, ``key_col``, ``start_col``, ``end_col``
-            (csv/tsv) and ``split`` (msrvtt).
+        **options: ``video_col``, ``caption_col``, ``key_col``, ``start_col``, ``end_col``,
+            ``path_template`` (csv/tsv; the template also for classification CSVs) and
+            ``split`` (msrvtt, queryd).
 
     Raises:
         DataError: the file is missing, unreadable, or not in the format.
@@ -382,6 +709,14 @@ def read_annotations(path: str | Path, fmt: str = "auto", **options: Any) -> lis
         "activitynet": lambda: read_activitynet(path),
         "egoclip": lambda: read_egoclip(path),
         "qa": lambda: read_qa(path),
+        "queryd": lambda: read_queryd(path, options.get("split")),
+        "condensed_movies": lambda: read_condensed_movies(path),
+        "epic_kitchens": lambda: read_epic_kitchens(path),
+        "charades_ego": lambda: read_charades_ego(path),
+        "classification": lambda: read_label_list(path, multilabel=False,
+                                                  path_template=options.get("path_template")),
+        "multilabel": lambda: read_label_list(path, multilabel=True,
+                                              path_template=options.get("path_template")),
     }
     if fmt not in readers:
         raise DataError(f"unknown annotation format '{fmt}'; use one of: auto, {', '.join(FORMATS)}")
@@ -389,4 +724,5 @@ def read_annotations(path: str | Path, fmt: str = "auto", **options: Any) -> lis
 
 
 def _table_opts(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: options.get(k) for k in ("video_col", "caption_col", "key_col", "start_col", "end_col")}
+    return {k: options.get(k) for k in ("video_col", "caption_col", "key_col", "start_col", "end_col",
+                                        "path_template")}

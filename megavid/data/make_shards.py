@@ -15,6 +15,14 @@ member, each sample stores the source frames nearest to F fps inside its window 
 ``{key}.0000.jpg``... (layout: ``megavid/data/FRAMES.md``, code: :mod:`megavid.data.frames`),
 made from the same single validation decode of the source.
 
+Chunking (``--chunk-seconds N``): each video is cut into re-encoded chunks of at most N
+seconds, one sample each (``<key>_cNNN``), with the windows inside re-based to the chunk
+(:mod:`megavid.data.chunking`).
+
+Video paths: ``--path-template '{page_dir}/{videoid}.mp4'`` builds them from CSV columns
+(WebVid); ``--from-video2dataset DIR`` ingests existing video2dataset tars instead
+(:mod:`megavid.data.video2dataset`).
+
 Resumable: shards are written under temporary names and renamed when complete; a re-run with
 the same arguments keeps the complete shards, skips the inputs they consumed, and continues.
 ``--overwrite`` starts afresh.
@@ -80,6 +88,29 @@ _ENCODERS: dict[str, tuple[str, str, str, dict[str, str], str]] = {
 _SOURCE_TO_CODEC = {"h264": "h264", "vp9": "vp9", "mjpeg": "mjpeg"}
 
 
+def get_encoder_options(codec: str, gop: int = 0) -> dict[str, str]:
+    """The encoder options of ``codec`` with keyframes every ``gop`` frames (0: the encoder's
+    own placement, i.e. the bytes make-shards always wrote).
+
+    A fixed interval (no scene-cut or early keyframes: min interval = max interval = gop) bounds
+    what a clip costs to decode: a sampled frame needs at most ``gop`` frames decoded from its
+    keyframe, wherever it lies (``pyav_backend.decode_clip`` decodes only the GOPs that hold
+    sampled frames). MJPEG has no inter frames, so ``gop`` changes nothing there.
+
+    Args:
+        codec: 'h264', 'vp9' or 'mjpeg'.
+        gop: keyframe interval in frames (0: encoder default).
+    """
+    opts = dict(_ENCODERS[codec][3])
+    if gop > 0 and codec == "h264":
+        opts["g"] = str(gop)
+        opts["x264-params"] += f":keyint={gop}:min-keyint={gop}:scenecut=0"
+    elif gop > 0 and codec == "vp9":
+        opts["g"] = str(gop)
+        opts["keyint_min"] = str(gop)  # libvpx kf_min_dist: no keyframe before the interval
+    return opts
+
+
 @dataclass(kw_only=True, slots=True)
 class MakeShardsOptions:
     """Everything a make-shards run depends on (recorded in ``<out>/make_shards.json``)."""
@@ -110,6 +141,16 @@ class MakeShardsOptions:
     """Frames shards: stored frames per second (0: every source frame)."""
     quality: int = DEFAULT_QUALITY
     """Frames shards: JPEG quality."""
+    gop: int = 0
+    """Video shards: re-encode with a keyframe every this many frames (0: encoder default;
+    with codec keep the source's codec is re-encoded). Short GOPs make PyAV decode only the
+    GOPs of the sampled frames (bench/loader_gpu.py measures it)."""
+    path_template: str | None = None
+    """CSV inputs: video path from the row's columns, e.g. ``{page_dir}/{videoid}.mp4``."""
+    chunk_seconds: float = 0.0
+    """Cut videos into re-encoded chunks of at most this many seconds (0: no chunking)."""
+    from_video2dataset: str = ""
+    """Ingest this video2dataset output folder instead of ``videos`` + ``annotations``."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -129,6 +170,18 @@ class Task:
     shard_format: str = "video"
     fps: float = 8.0
     quality: int = DEFAULT_QUALITY
+    gop: int = 0
+    chunk_index: int = -1
+    """Chunking: which chunk of the video this task makes (-1: the whole video)."""
+    chunk_first: int = 0
+    """Chunking: the chunk's first source frame index."""
+    chunk_stop: int = -1
+    """Chunking: one past the chunk's last source frame (-1: to the end of the video)."""
+    chunk_seconds: float = 0.0
+    timed: list[dict[str, Any]] = field(default_factory=list)
+    """Chunking: the video's windows/segments in source time, ``{"start", "end", ...}``."""
+    member: tuple[int, int, str] | None = None
+    """Ingest: the video is ``(offset, size, extension)`` inside the tar at ``path``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,10 +205,13 @@ class Transcoder:
         codec: 'h264', 'vp9' or 'mjpeg'.
         short_side: downscale to this short side (0: keep the size).
         max_fps: keep at most this many frames per second (frames are dropped evenly).
+        gop: keyframe every ``gop`` output frames (0: encoder default; see
+            :func:`get_encoder_options`).
     """
 
-    def __init__(self, codec: str, *, short_side: int = 0, max_fps: float = 0.0) -> None:
-        self.codec, self.short_side, self.max_fps = codec, short_side, max_fps
+    def __init__(self, codec: str, *, short_side: int = 0, max_fps: float = 0.0,
+                 gop: int = 0) -> None:
+        self.codec, self.short_side, self.max_fps, self.gop = codec, short_side, max_fps, gop
         self.buf = io.BytesIO()
         self.out: Any = None
         self.i = self.j = 0
@@ -164,7 +220,8 @@ class Transcoder:
     def _open(self, stream: Any) -> None:
         import av
 
-        encoder, fmt, _, opts, self.pix_fmt = _ENCODERS[self.codec]
+        encoder, fmt, _, _, self.pix_fmt = _ENCODERS[self.codec]
+        opts = get_encoder_options(self.codec, self.gop)
         in_rate = Fraction(stream.average_rate or stream.guessed_rate or 25).limit_denominator(100000)
         self.rate = in_rate
         if self.max_fps and float(in_rate) > self.max_fps:
@@ -195,6 +252,10 @@ class Transcoder:
         if math.floor(i * self.keep_ratio) < self.j:
             return
         f2 = frame.reformat(width=self.w, height=self.h, format=self.pix_fmt, interpolation="AREA")
+        if self.gop > 0:
+            # the decoded source frame keeps its picture type, and encoders turn an I into a
+            # keyframe: cleared, so the keyframes are exactly every gop frames
+            f2.pict_type = 0  # AV_PICTURE_TYPE_NONE
         f2.pts = self.j
         f2.time_base = 1 / self.rate
         self.j += 1
@@ -218,7 +279,7 @@ class Transcoder:
 
 
 def transcode(src: str | os.PathLike | bytes, codec: str, *, short_side: int = 0,
-              max_fps: float = 0.0) -> tuple[bytes, str]:
+              max_fps: float = 0.0, gop: int = 0) -> tuple[bytes, str]:
     """Decode ``src`` with PyAV (validating it) and re-encode it; returns (bytes, extension).
 
     Args:
@@ -226,11 +287,12 @@ def transcode(src: str | os.PathLike | bytes, codec: str, *, short_side: int = 0
         codec: 'h264', 'vp9' or 'mjpeg'.
         short_side: downscale to this short side (0: keep the size).
         max_fps: keep at most this many frames per second (frames are dropped evenly).
+        gop: keyframe interval in frames (0: encoder default).
 
     Raises:
         VideoProbeError: the source does not decode.
     """
-    t = Transcoder(codec, short_side=short_side, max_fps=max_fps)
+    t = Transcoder(codec, short_side=short_side, max_fps=max_fps, gop=gop)
     probe_video(src, decode=True, on_frame=t)
     return t.finish(), t.ext
 
@@ -241,11 +303,29 @@ def transcode(src: str | os.PathLike | bytes, codec: str, *, short_side: int = 0
 def process_task(task: Task) -> ShardSample | SampleFailure:
     """Probe + validate (+ transcode) one video; never raises for a bad input."""
     try:
+        if task.member is not None:
+            return _process_member(task)
         return _process(task)
     except VideoProbeError as e:
         return SampleFailure(source=task.source, reason=e.reason)
     except Exception as e:  # noqa: BLE001 - one bad video must not stop the run; counted
         return SampleFailure(source=task.source, reason=f"{REASON_TRANSCODE}:{type(e).__name__}")
+
+
+def _process_member(task: Task) -> ShardSample | SampleFailure:
+    """A video inside a tar (video2dataset ingest): its bytes go to a temporary file (PyAV and
+    the keep path read files) that lives only while this one video is processed."""
+    import dataclasses
+    import tempfile
+
+    off, size, ext = task.member  # type: ignore[misc]
+    with open(task.path, "rb") as f:
+        f.seek(off)
+        data = f.read(size)
+    with tempfile.TemporaryDirectory(prefix="megavid-ingest-") as d:
+        path = Path(d) / f"{task.key}.{ext}"
+        path.write_bytes(data)
+        return _process(dataclasses.replace(task, path=str(path), member=None))
 
 
 def _process_frames(task: Task) -> ShardSample | SampleFailure:
@@ -274,6 +354,10 @@ def _process_frames(task: Task) -> ShardSample | SampleFailure:
 def _process(task: Task) -> ShardSample | SampleFailure:
     if task.shard_format == "frames":
         return _process_frames(task)
+    if task.chunk_index >= 0:
+        from megavid.data.chunking import process_chunk  # imports this module
+
+        return process_chunk(task)
     path = Path(task.path)
     ext = path.suffix.lstrip(".").lower()
     codec = task.codec
@@ -281,9 +365,10 @@ def _process(task: Task) -> ShardSample | SampleFailure:
         head = probe_video(path, decode=False)
         needs_resize = task.short_side and min(head.width, head.height) > task.short_side
         needs_fps = task.max_fps and head.fps > task.max_fps
-        if needs_resize or needs_fps or ext not in VIDEO_EXTS:
+        if needs_resize or needs_fps or task.gop > 0 or ext not in VIDEO_EXTS:
             codec = _SOURCE_TO_CODEC.get(head.codec, "h264")
-    transcoder = Transcoder(codec, short_side=task.short_side, max_fps=task.max_fps) if codec != "keep" else None
+    transcoder = (Transcoder(codec, short_side=task.short_side, max_fps=task.max_fps,
+                             gop=task.gop) if codec != "keep" else None)
     # one full decode of the source: the validation, and (when transcoding) the encoder's input
     src_info = probe_video(path, decode=True, on_frame=transcoder)
     start, end = task.start, task.end
@@ -317,6 +402,8 @@ def _process(task: Task) -> ShardSample | SampleFailure:
     meta.update(task.extra)
     if codec != "keep":
         meta["original"] = {k: getattr(src_info, k) for k in ("width", "height", "fps", "codec", "num_frames")}
+    if task.gop > 0 and codec != "mjpeg":
+        meta["gop"] = task.gop  # keyframe interval (frames), for `megavid info` and loaders
     return ShardSample(key=task.key, video=video, ext=ext, meta=meta, source=task.source)
 
 
@@ -372,6 +459,7 @@ def plan(records: list[Record], opts: MakeShardsOptions) -> list[Task | SampleFa
     finder = _VideoFinder(Path(opts.videos))
     seen: set[str] = set()
     out: list[Task | SampleFailure] = []
+    groups: dict[Path, tuple[str, list[Record], list[Record]]] = {}
     for r in records:
         source = str(Path(opts.videos) / r.video)
         if r.error:
@@ -386,12 +474,25 @@ def plan(records: list[Record], opts: MakeShardsOptions) -> list[Task | SampleFa
         if path is None:
             out.append(SampleFailure(source=source, reason=REASON_MISSING))
             continue
+        if opts.chunk_seconds > 0:
+            # chunking: all records of a video become the windows/captions of its chunks
+            groups.setdefault(path, (make_key(r.video), [], []))[1 if r.start is None and r.end is None else 2].append(r)
+            continue
         out.append(Task(
             key=key, path=str(path), source=str(path), captions=list(r.captions),
             start=r.start, end=r.end, extra=dict(r.extra), codec=opts.codec,
             short_side=opts.short_side, max_fps=opts.max_fps, shard_format=opts.shard_format,
-            fps=opts.fps, quality=opts.quality,
+            fps=opts.fps, quality=opts.quality, gop=opts.gop,
         ))
+    if groups:
+        from megavid.data.chunking import plan_chunks  # imports this module
+    for path, (key, whole, windowed) in groups.items():
+        for t in plan_chunks(path, key, whole, windowed, opts):
+            if isinstance(t, Task) and t.key in seen:
+                out.append(SampleFailure(source=t.source, reason=REASON_DUPLICATE))
+                continue
+            seen.add(getattr(t, "key", ""))
+            out.append(t)
     return out
 
 
@@ -420,6 +521,10 @@ def _manifest_options(opts: MakeShardsOptions) -> dict[str, Any]:
         # video shards do not depend on the frames options (and older manifests lack them)
         for k in ("shard_format", "fps", "quality"):
             d.pop(k)
+    for k, default in (("path_template", None), ("chunk_seconds", 0.0), ("gop", 0),
+                       ("from_video2dataset", "")):
+        if d[k] == default:
+            d.pop(k)  # manifests written before these options existed stay resumable
     return d
 
 
@@ -443,7 +548,7 @@ def make_shards(opts: MakeShardsOptions, *, overwrite: bool = False, quiet: bool
     """
     t0 = time.perf_counter()
     videos = Path(opts.videos)
-    if not videos.is_dir():
+    if not opts.from_video2dataset and not videos.is_dir():
         raise DataError(f"video folder '{videos}' does not exist; pass --videos DIR")
     if opts.codec not in CODECS:
         raise DataError(f"--codec {opts.codec!r} is not one of {', '.join(CODECS)}")
@@ -455,13 +560,29 @@ def make_shards(opts: MakeShardsOptions, *, overwrite: bool = False, quiet: bool
     if opts.shard_format == "frames" and (opts.codec != "keep" or opts.max_fps):
         raise DataError("--codec/--max-fps apply to video shards; frames shards take --fps, "
                         "--short-side and --quality")
-    records = read_annotations(
-        opts.annotations, opts.format, video_col=opts.video_col, caption_col=opts.caption_col,
-        key_col=opts.key_col, start_col=opts.start_col, end_col=opts.end_col, split=opts.split,
-    )
-    if not records:
-        raise DataError(f"annotation file '{opts.annotations}' lists no samples")
-    items = plan(records, opts)
+    if opts.gop < 0 or (opts.gop and opts.shard_format == "frames"):
+        raise DataError(f"--gop {opts.gop} must be >= 0 and applies to video shards (every "
+                        "stored frame of a frames shard is a JPEG already)")
+    if opts.chunk_seconds < 0 or (opts.chunk_seconds and opts.shard_format == "frames"):
+        raise DataError(f"--chunk-seconds {opts.chunk_seconds} must be > 0 and applies to video "
+                        "shards (frames shards store windows without cutting)")
+    v2d_stats: dict[str, Any] | None = None
+    if opts.from_video2dataset:
+        from megavid.data.video2dataset import plan_video2dataset
+
+        if opts.chunk_seconds:
+            raise DataError("--chunk-seconds does not apply to --from-video2dataset (its clips are "
+                            "already cut); drop one of them")
+        items, v2d_stats = plan_video2dataset(opts.from_video2dataset, opts)
+    else:
+        records = read_annotations(
+            opts.annotations, opts.format, video_col=opts.video_col, caption_col=opts.caption_col,
+            key_col=opts.key_col, start_col=opts.start_col, end_col=opts.end_col, split=opts.split,
+            path_template=opts.path_template,
+        )
+        if not records:
+            raise DataError(f"annotation file '{opts.annotations}' lists no samples")
+        items = plan(records, opts)
 
     out = Path(opts.out)
     manifest_path = out / MANIFEST
@@ -496,6 +617,8 @@ def make_shards(opts: MakeShardsOptions, *, overwrite: bool = False, quiet: bool
     summary["processed_videos"] = n_tasks
     summary["seconds"] = round(seconds, 3)
     summary["videos_per_s"] = round(n_tasks / seconds, 3) if seconds > 0 else 0.0
+    if v2d_stats is not None:
+        summary["video2dataset"] = v2d_stats
     manifest_path.write_text(json.dumps({"options": wanted, "summary": summary}, indent=1))
     if not quiet:
         print(format_summary(summary))
@@ -516,13 +639,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         srcs = [f["source"] for f in summary["failed"] if f["reason"] == reason]
         more = f" (+{len(srcs) - 5} more)" if len(srcs) > 5 else ""
         lines.append(f"  failed {reason}: {n}: {', '.join(srcs[:5])}{more}")
+    if "video2dataset" in summary:
+        v = summary["video2dataset"]
+        lines.append(f"  video2dataset stats ({v['shards']} files): {v['count']} urls, {v['successes']} "
+                     f"downloaded, {v['failed_to_download']} failed to download, "
+                     f"{v['failed_to_subsample']} failed to subsample")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megavid make-shards", description=__doc__.split("\n")[0])
-    p.add_argument("--videos", required=True, help="folder holding the videos")
-    p.add_argument("--annotations", required=True, help="annotation file")
+    p.add_argument("--videos", help="folder holding the videos")
+    p.add_argument("--annotations", help="annotation file")
+    p.add_argument("--from-video2dataset", metavar="DIR", help="ingest video2dataset output tars "
+                   "(instead of --videos/--annotations): validate, index and re-shard them")
     p.add_argument("--out", required=True, help="output shard folder")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS + ("frames",),
                    help="annotation format; 'frames' is short for --shard-format frames "
@@ -532,7 +662,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-col", help="CSV/TSV column of the sample key")
     p.add_argument("--start-col", help="CSV/TSV column of the window start (seconds)")
     p.add_argument("--end-col", help="CSV/TSV column of the window end (seconds)")
-    p.add_argument("--split", help="MSR-VTT: only this split (train/validate/test)")
+    p.add_argument("--split", help="MSR-VTT: only this split (train/validate/test); QuerYD: the "
+                   "ids of <split>_list.txt beside the captions")
+    p.add_argument("--path-template", help="CSV inputs: video path from the row's columns, e.g. "
+                   "'{page_dir}/{videoid}.mp4' (WebVid)")
+    p.add_argument("--chunk-seconds", type=float, default=0.0, help="cut videos into re-encoded "
+                   "chunks of at most this many seconds, one sample each (0: off)")
     p.add_argument("--codec", default="keep", choices=CODECS, help="re-encode to this codec")
     p.add_argument("--short-side", type=int, default=0, help="downscale to this short side")
     p.add_argument("--shard-format", default="video", choices=SHARD_FORMATS,
@@ -542,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
                    help="frames shards: JPEG quality 1..100")
     p.add_argument("--max-fps", type=float, default=0.0, help="drop frames above this rate")
+    p.add_argument("--gop", type=int, default=0, help="video shards: re-encode with a keyframe "
+                   "every N frames, so a clip decodes only the GOPs it samples (0: encoder "
+                   "default)")
     p.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, help="samples per shard")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="bytes per shard")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes")
@@ -554,15 +692,21 @@ def main(argv: list[str] | None = None) -> int:
     """``megavid make-shards`` / ``tools/make_shards.py``. Returns 0, or 1 if no sample was
     written. DataError propagates (the CLI prints it as one line and exits 2)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    one_input = (not (args.videos or args.annotations) if args.from_video2dataset
+                 else bool(args.videos and args.annotations))
+    if not one_input:
+        raise DataError("pass --videos DIR and --annotations FILE, or --from-video2dataset DIR "
+                        "(one input, not both)")
     if args.format == "frames":  # `--format frames` (the issue's spelling) = --shard-format
         args.format, args.shard_format = "auto", "frames"
     opts = MakeShardsOptions(
-        videos=args.videos, annotations=args.annotations, out=args.out, format=args.format,
+        videos=args.videos or "", annotations=args.annotations or "", out=args.out, format=args.format,
         video_col=args.video_col, caption_col=args.caption_col, key_col=args.key_col,
         start_col=args.start_col, end_col=args.end_col, split=args.split, codec=args.codec,
         short_side=args.short_side, max_fps=args.max_fps, max_count=args.max_count,
         max_bytes=args.max_bytes, workers=args.workers, shard_format=args.shard_format,
-        fps=args.fps, quality=args.quality,
+        fps=args.fps, quality=args.quality, path_template=args.path_template,
+        chunk_seconds=args.chunk_seconds, from_video2dataset=args.from_video2dataset or "", gop=args.gop,
     )
     summary = make_shards(opts, overwrite=args.overwrite, quiet=args.quiet)
     return 0 if summary["successes"] else 1

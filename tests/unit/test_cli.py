@@ -4,7 +4,7 @@ from megavid.cli import CONFIG_JOBS, TOOL_JOBS, build_parser, main
 
 EXPECTED_COMMANDS = {
     "make-synthetic", "pretrain", "finetune-retrieval", "finetune-qa", "eval-zeroshot",
-    "export-checkpoint", "make-shards", "verify-shards", "info",
+    "export-checkpoint", "make-shards", "verify-shards", "shard-stats", "info",
 }
 EXPECTED_FLAGS = {"-h", "--help", "--print-config", "--name", "--overwrite", "--resume",
                   "--local_rank", "--local-rank"}  # the last two: DeepSpeed launcher compatibility
