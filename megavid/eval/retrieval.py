@@ -322,6 +322,35 @@ def evaluate_retrieval(
         reranked scores) plus ``vtm/pairs_scored`` when ``k_test > 0``.
     """
     sim = compute_similarity(text_feat, video_feat, chunk_size=chunk_size, device=device)
+    return score_retrieval(sim, text_to_video, k_test=k_test, pair_score_fn=pair_score_fn,
+                           add_sim=add_sim, chunk_size=chunk_size, batch_size=batch_size)
+
+
+def score_retrieval(
+    sim: Tensor,
+    text_to_video: Tensor,
+    *,
+    k_test: int = 0,
+    pair_score_fn: PairScoreFn | None = None,
+    add_sim: bool = False,
+    chunk_size: int | None = None,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """:func:`evaluate_retrieval` from an already computed similarity matrix (a caller that
+    also needs ``sim``, e.g. for the temporal check, computes it once).
+
+    Args:
+        sim: [num_texts, num_videos] VTC similarity (see :func:`compute_similarity`).
+        text_to_video: LongTensor [num_texts], the video each text describes.
+        k_test: candidates per query re-scored by ``pair_score_fn`` (0: VTC only).
+        pair_score_fn: ``fn(text_idx [n], video_idx [n]) -> scores [n]``.
+        add_sim: add the VTC score to the re-score (BLIP's convention).
+        chunk_size: ranks in blocks of this many rows (None: all rows at once).
+        batch_size: pairs per ``pair_score_fn`` call.
+
+    Returns:
+        The same keys as :func:`evaluate_retrieval`.
+    """
     t2v = torch.as_tensor(text_to_video).long()
     out = {f"vtc/{k}": v for k, v in retrieval_metrics(sim, t2v, chunk_size=chunk_size).items()}
     if k_test > 0:

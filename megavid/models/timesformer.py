@@ -274,6 +274,11 @@ class TimeSformer(nn.Module):
 
         time = self.time_embed
         if T != time.shape[1]:
+            # Clips longer (or shorter) than training, e.g. 96-frame evaluation of a 32-frame
+            # model (eval.num_frames): resized per forward, never stored. The parameter keeps
+            # its trained shape, so the checkpoint loads strictly, training resumes after an
+            # in-training eval, and under ZeRO-3 the (gathered-for-this-forward) partitioned
+            # parameter is never replaced; the cost is one [1, T, D] interpolation per call.
             time = resize_time_embed(time, T)
         # [B*T, N, D] -> [B, N, T, D] (+ time embed per frame) -> patch-major [B, N*T, D]
         x = x.reshape(B, T, N, D).transpose(1, 2) + time[:, None]

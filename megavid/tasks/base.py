@@ -7,13 +7,16 @@ Tasks override ``training_forward`` (and ``evaluate``) rather than copying the l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from megavid.config import Config
+from megavid.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,25 @@ class VideoTextTask:
         )
 
     def build_eval_loader(self, split: str, rank: int = 0, world_size: int = 1):
+        """The loader of an evaluation split: every evaluation of every task comes from here.
+
+        Clips have ``eval.num_frames`` frames (0: the training length): the TimeSformer resizes
+        its time embedding to the clip at run time, so a 32-frame model evaluates 96-frame
+        clips (TESTA's f32/f96) with its checkpoint unchanged.
+
+        Args:
+            split: 'train', 'val', 'test' (resolved through ``data.<split>``) or a shard spec.
+            rank: this process's rank.
+            world_size: number of ranks.
+        """
         from megavid.data.loader import build_loader
 
+        data_cfg = self.cfg.data
+        frames = get_eval_num_frames(self.cfg)
+        if frames != data_cfg.num_frames:
+            data_cfg = dataclasses.replace(data_cfg, num_frames=frames)
         return build_loader(
-            self.cfg.data, split, train=False, rank=rank, world_size=world_size,
+            data_cfg, split, train=False, rank=rank, world_size=world_size,
             seed=self.cfg.run.seed,
         )
 
@@ -132,6 +150,64 @@ class VideoTextTask:
         return out
 
 
+def get_eval_num_frames(cfg: Config) -> int:
+    """Frames per clip of evaluation loaders: ``eval.num_frames``, or the training length.
+
+    Args:
+        cfg: the resolved job config.
+    """
+    return cfg.eval.num_frames or cfg.data.num_frames
+
+
+def get_frame_counts(cfg: Config) -> dict[str, int]:
+    """``{"train": T_train, "eval": T_eval}``: recorded in every results JSON, since the same
+    checkpoint gives different numbers at different clip lengths.
+
+    Args:
+        cfg: the resolved job config.
+    """
+    return {"train": cfg.model.video.num_frames, "eval": get_eval_num_frames(cfg)}
+
+
+def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
+                       resize_time: bool = False) -> None:
+    """Loads a megavid checkpoint or exported fp32 state dict into ``model`` (strict).
+
+    The time embedding of a checkpoint trained at another clip length is either resized once
+    here (``resize_time``: initialising a model that TRAINS at a new length, e.g. 4-frame
+    pretraining -> 32-frame finetuning, as the imported-weights path does), or refused with
+    the fix (evaluation): ``model.video.num_frames`` is the training length, recorded as such
+    in results, and a different evaluation length is ``eval.num_frames``.
+
+    Args:
+        model: the model built from ``cfg.model``.
+        path: checkpoint folder, run directory or exported file.
+        cfg: the resolved job config.
+        resize_time: resize a time embedding of another length instead of raising.
+    """
+    from megavid.engine.checkpoint import load_model_state
+    from megavid.models.timesformer import resize_time_embed
+
+    state = load_model_state(path)
+    frames = cfg.model.video.num_frames
+    # the video tower and its momentum copy (video_encoder_m) each hold a time embedding
+    for key in [k for k in state if k.endswith("time_embed")]:
+        t = state[key]
+        if t.ndim != 3 or t.shape[1] == frames:
+            continue
+        if not resize_time:
+            raise CheckpointError(
+                f"{path} was trained with {t.shape[1]}-frame clips but "
+                f"model.video.num_frames={frames}; set model.video.num_frames={t.shape[1]} "
+                f"(the training length) and eval.num_frames={frames} to evaluate "
+                f"{frames}-frame clips"
+            )
+        log.info("%s: %s resized from %d to %d frames (model.video.num_frames)",
+                 path, key, t.shape[1], frames)
+        state = {**state, key: resize_time_embed(t, frames)}
+    model.load_state_dict(state, strict=True)
+
+
 def load_initial_weights(model: nn.Module, cfg: Config) -> None:
     """Imports the weights named in the model config (strict; a report of what was loaded)."""
     mc = cfg.model
@@ -140,9 +216,7 @@ def load_initial_weights(model: nn.Module, cfg: Config) -> None:
     from megavid.models import weights as W
 
     if mc.weights:
-        from megavid.engine.checkpoint import load_model_state
-
-        model.load_state_dict(load_model_state(mc.weights), strict=True)
+        load_model_weights(model, mc.weights, cfg, resize_time=True)
         log.info("loaded model weights from %s", mc.weights)
     if mc.text_weights:
         W.load_bert_into(model.text_encoder, mc.text_weights)

@@ -33,7 +33,7 @@ from megavid.config import Config, to_dict
 from megavid.errors import ConfigError, DataError
 from megavid.tasks import register_task
 from megavid.data.loader import read_split_meta
-from megavid.tasks.base import VideoTextTask
+from megavid.tasks.base import VideoTextTask, get_frame_counts
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,7 @@ def run_finetune_qa(cfg: Config, *, overwrite: bool = False, resume: str | None 
         out = Path(cfg.run_dir) / "eval" / f"qa_{cfg.eval.split}.json"
         ckpt = None if cfg.run.debug else find_checkpoint(cfg.run_dir)
         write_results(out, {"qa": result["metrics"], "split": cfg.eval.split,
+                            "num_frames": get_frame_counts(cfg),
                             "answers": len(task.answers),
                             "train_skipped_oov": task.skipped_oov}, to_dict(cfg), ckpt)
         pred_path = out.with_name(f"qa_{cfg.eval.split}_predictions.jsonl")

@@ -37,26 +37,39 @@ class EncodedSplit:
 
 
 @torch.no_grad()
-def encode_split(model: nn.Module, loader, task, *, keep_tokens: bool = False) -> EncodedSplit:
-    """Encodes every clip and its first caption. Features stay on the CPU (low-resource safe)."""
+def encode_split(model: nn.Module, loader, task, *, keep_tokens: bool = False,
+                 on_device: bool = False) -> EncodedSplit:
+    """Encodes every clip and its first caption, each sample once across ranks, in order.
+
+    Args:
+        model: the model (or a DeepSpeed engine wrapping it).
+        loader: an evaluation loader (``task.build_eval_loader``).
+        task: the task (device, dtype, tokenizer).
+        keep_tokens: also keep the video tokens and text states (for VTM re-ranking).
+        on_device: keep everything on ``task.device`` (the dense path); otherwise on the CPU
+            (low-resource: a 96-frame clip of a ViT-B has 18,817 tokens, 29 MB in bf16, so a
+            test set's tokens belong in host memory).
+    """
     from megavid.eval.gather import gather_features, gather_objects
 
     model.eval()
+    store = task.device if on_device else torch.device("cpu")
     vf, tf, toks, hids, masks, keys, metas, valids = [], [], [], [], [], [], [], []
     for batch in loader:
         b = task.to_device(batch)
         tokens, v = model.encode_video(b["video"])
         hidden, t = model.encode_text(b["input_ids"], b["attention_mask"])
-        vf.append(v.float().cpu())
-        tf.append(t.float().cpu())
+        vf.append(v.float().to(store))
+        tf.append(t.float().to(store))
         if keep_tokens:
-            toks.append(tokens.float().cpu())
-            hids.append(hidden.float().cpu())
-            masks.append(b["attention_mask"].cpu())
+            # kept in the compute dtype (bf16 in bf16 runs): the VTM scorer casts to it anyway
+            toks.append(tokens.to(store))
+            hids.append(hidden.to(store))
+            masks.append(b["attention_mask"].to(store))
         keys += batch["keys"]
         metas += batch["meta"]
         valids.append(batch.get("valid", torch.ones(len(batch["keys"]), dtype=torch.bool)))
-    valid = torch.cat(valids)
+    valid = torch.cat(valids).to(store)
     out = EncodedSplit(
         video_feat=gather_features(torch.cat(vf), valid),
         text_feat=gather_features(torch.cat(tf), valid),
@@ -86,17 +99,32 @@ def _vtm_score_fn(model: nn.Module, enc: EncodedSplit, device, dtype):
 
 
 def evaluate_retrieval(model: nn.Module, loader, task, *, k_test: int = 0) -> dict[str, Any]:
-    """Zero-shot retrieval on a split: VTC similarities, optionally VTM re-ranking of top-k."""
-    from megavid.eval.metrics import retrieval_metrics, rerank_topk
+    """Retrieval on a split: VTC similarities, optionally VTM re-ranking of each query's top-k
+    (both directions, each text-video pair scored once; :func:`megavid.eval.score_retrieval`).
 
-    enc = encode_split(model, loader, task, keep_tokens=k_test > 0)
-    sim = enc.text_feat @ enc.video_feat.T
+    ``eval.low_resource`` keeps features and tokens on the CPU and computes similarities and
+    ranks in blocks of ``eval.chunk_size`` rows; the metrics are the same as the dense path's.
+
+    Args:
+        model: the model (or a DeepSpeed engine wrapping it).
+        loader: an evaluation loader (clips of ``eval.num_frames`` frames).
+        task: the task (device, dtype, config).
+        k_test: candidates re-scored by the VTM head per query (0: VTC only).
+
+    Returns:
+        {"metrics": {"vtc/...", "vtm/..."}, "encoded": EncodedSplit, "sim": [N, N] CPU}.
+    """
+    from megavid.eval.retrieval import compute_similarity, score_retrieval
+
+    low = task.cfg.eval.low_resource
+    chunk = task.cfg.eval.chunk_size if low else None
+    enc = encode_split(model, loader, task, keep_tokens=k_test > 0, on_device=not low)
+    sim = compute_similarity(enc.text_feat, enc.video_feat, chunk_size=chunk, device=task.device)
     n = sim.shape[0]
-    t2v = torch.arange(n)
-    metrics = {f"vtc/{k}": v for k, v in retrieval_metrics(sim, t2v).items()}
-    if k_test > 0:
-        reranked = rerank_topk(sim, min(k_test, n), _vtm_score_fn(model, enc, task.device, task.dtype))
-        metrics.update({f"vtm/{k}": v for k, v in retrieval_metrics(reranked, t2v).items()})
+    metrics = score_retrieval(
+        sim, torch.arange(n), k_test=min(k_test, n), chunk_size=chunk,
+        pair_score_fn=_vtm_score_fn(model, enc, task.device, task.dtype) if k_test > 0 else None,
+    )
     return {"metrics": metrics, "encoded": enc, "sim": sim}
 
 
@@ -145,7 +173,7 @@ def multiple_choice_qa(model: nn.Module, enc: EncodedSplit, task) -> dict[str, A
             texts = [f"{qa['question']} {c}" for c in qa["choices"]]
             ids, mask = tokenize(tok, texts, task.cfg.data.max_text_len)
             _, tf = model.encode_text(ids.to(task.device), mask.to(task.device))
-            scores.append((tf.float().cpu() @ enc.video_feat[vi]).tolist())
+            scores.append((tf.float().cpu() @ enc.video_feat[vi].cpu()).tolist())
             correct.append(qa["choices"].index(qa["answer"]))
             chance_sum += 1.0 / len(qa["choices"])
         acc = multiple_choice_accuracy(scores, correct)
@@ -168,7 +196,9 @@ def _chance_retrieval(n: int) -> dict[str, float]:
 def format_report(result: dict[str, Any]) -> str:
     m, n = result["metrics"], result["num_samples"]
     chance = _chance_retrieval(n)
-    lines = [f"zero-shot retrieval on {n} held-out clips (split '{result['split']}')",
+    frames = result.get("num_frames") or {}
+    at = f", {frames['eval']} frames (trained on {frames['train']})" if frames else ""
+    lines = [f"zero-shot retrieval on {n} held-out clips (split '{result['split']}'{at})",
              f"{'':14s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'MedR':>8s}"]
     for head in ("vtc", "vtm"):
         for d in ("t2v", "v2t"):
@@ -190,11 +220,11 @@ def format_report(result: dict[str, Any]) -> str:
 def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
     """`megavid eval-zeroshot`: evaluates a checkpoint (eval.checkpoint, --resume, or the run's
     latest) on ``eval.split`` and writes ``<run_dir>/eval/zeroshot_<split>.json``."""
-    from megavid.engine.checkpoint import find_checkpoint, load_model_state
+    from megavid.engine.checkpoint import find_checkpoint
     from megavid.engine.dist import get_world_info, init_distributed
     from megavid.eval.results import write_results
     from megavid.tasks import get_task
-
+    from megavid.tasks.base import get_frame_counts, load_model_weights
     from megavid.tasks.pretrain import check_data
 
     check_data(cfg, cfg.eval.split)
@@ -211,7 +241,7 @@ def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | Non
     task = get_task(cfg.task.name)(cfg)
     task.setup(device, torch.float32, info.rank, info.world_size)
     model = task.build_model()
-    model.load_state_dict(load_model_state(ckpt), strict=True)
+    load_model_weights(model, ckpt, cfg)
     model.to(device).eval()
 
     loader = task.build_eval_loader(cfg.eval.split, info.rank, info.world_size)
@@ -221,6 +251,9 @@ def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | Non
     result = {
         "split": cfg.eval.split,
         "num_samples": len(enc.keys),
+        # the same checkpoint scores differently at another clip length: both are recorded
+        "num_frames": get_frame_counts(cfg),
+        "low_resource": cfg.eval.low_resource,
         "metrics": res["metrics"],
         "chance": _chance_retrieval(len(enc.keys)),
         "temporal": temporal_check(enc, res["sim"]) if cfg.eval.temporal_check else None,

@@ -92,15 +92,87 @@ def test_pretrain_then_zeroshot_writes_results_with_checkpoint_hash(base_tokens,
 
 
 # --------------------------------------------------------------------------------------------
-# finetune-retrieval
+# evaluation at more frames than training (eval.num_frames), dense and low-resource
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_finetune_retrieval_reports_vtc_and_vtm_metrics(base_tokens, synthetic_spec):
+def _val_similarity_by_hand(cfg, checkpoint: Path, num_frames: int) -> torch.Tensor:
+    """[texts, clips] VTC similarity of the val split, encoded here from a saved checkpoint
+    with clips of ``num_frames`` frames (one caption per clip, in split order)."""
+    import dataclasses
+
     from megavid.data.loader import build_loader
     from megavid.data.transforms import normalize_clip
     from megavid.engine.checkpoint import load_model_state
     from megavid.models import build_model
 
+    model = build_model(cfg.model)
+    model.load_state_dict(load_model_state(checkpoint), strict=True)
+    model.eval()
+    vf, tf = [], []
+    with torch.no_grad():
+        for batch in build_loader(dataclasses.replace(cfg.data, num_frames=num_frames), "val",
+                                  train=False):
+            assert batch["video"].shape[1] == num_frames
+            _, v = model.encode_video(normalize_clip(batch["video"], torch.device("cpu"), torch.float32))
+            _, t = model.encode_text(batch["input_ids"], batch["attention_mask"])
+            vf.append(v)
+            tf.append(t)
+    return torch.cat(tf) @ torch.cat(vf).T
+
+
+def _ranks_by_hand(sim: torch.Tensor) -> list[int]:
+    """t2v rank of each caption's own clip: 1 + the clips scoring at least as high."""
+    n = sim.shape[0]
+    return [1 + sum(int(sim[i, j] >= sim[i, i]) for j in range(n) if j != i) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_pretrain_4_frames_then_eval_at_8_dense_and_low_resource(base_tokens, synthetic_spec):
+    """TESTA's f32-train / f96-eval on a small scale: pretrain at 4 frames (ZeRO-3, so the
+    final in-training evaluation at 8 frames runs on partitioned parameters), then
+    eval-zeroshot at 8 frames, dense and low-resource (chunks smaller than the split): all
+    three give the metrics recomputed here from 8-frame clips, not the 4-frame ones."""
+    tokens = base_tokens + ["run.name=f4", "model.video.num_frames=4", "model.vtm_weight=1",
+                            "eval.k_test=4", "eval.num_frames=8", "eval.split=val"]
+    assert cli.main(["pretrain", *tokens, "train.max_steps=3", "train.zero_stage=3",
+                     "train.eval_every=100"]) == 0
+    cfg = compose(tokens)
+    in_training = [r for r in _metrics_rows(cfg.run_dir) if r.get("split") == "eval"][-1]
+
+    assert cli.main(["eval-zeroshot", *tokens]) == 0
+    out = cfg.run_dir / "eval" / "zeroshot_val.json"
+    dense = json.loads(out.read_text())["metrics"]
+    assert cli.main(["eval-zeroshot", *tokens, "eval.low_resource=true", "eval.chunk_size=5"]) == 0
+    low_doc = json.loads(out.read_text())
+    low = low_doc["metrics"]
+
+    n = synthetic_spec["num_val"]
+    assert dense["num_samples"] == low["num_samples"] == n > 5  # chunks of 5 really split
+    assert dense["num_frames"] == low["num_frames"] == {"train": 4, "eval": 8}
+    assert (dense["low_resource"], low["low_resource"]) == (False, True)
+    assert low_doc["config"]["eval"]["num_frames"] == 8
+    assert low_doc["config"]["model"]["video"]["num_frames"] == 4
+    assert any(k.startswith("vtm/") for k in dense["metrics"])
+    assert low["metrics"] == dense["metrics"]  # every VTC and VTM-reranked number
+    for k, v in in_training.items():
+        if k.startswith("vtc/"):
+            assert dense["metrics"][k] == pytest.approx(v, abs=1e-9), k
+
+    # Oracle: the checkpoint (4-frame time embedding) encodes the val clips here, decoded at 8
+    # and at 4 frames; ranks counted by hand, ties against the model.
+    ckpt = cfg.run_dir / "checkpoints" / "step_3"
+    ranks = {f: _ranks_by_hand(_val_similarity_by_hand(cfg, ckpt, f)) for f in (8, 4)}
+    m = dense["metrics"]
+    assert m["vtc/t2v_R@1"] == pytest.approx(100.0 * sum(r == 1 for r in ranks[8]) / n)
+    assert m["vtc/t2v_R@5"] == pytest.approx(100.0 * sum(r <= 5 for r in ranks[8]) / n)
+    assert m["vtc/t2v_MeanR"] == pytest.approx(sum(ranks[8]) / n)
+    assert ranks[8] != ranks[4], "the 4- and 8-frame evaluations must differ for this test to bite"
+
+
+# --------------------------------------------------------------------------------------------
+# finetune-retrieval
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_finetune_retrieval_reports_vtc_and_vtm_metrics(base_tokens, synthetic_spec):
     tokens = base_tokens + ["run.name=ret", "model.vtm_weight=1", "eval.k_test=4",
                             "train.max_steps=4", "train.eval_every=100"]
     assert cli.main(["finetune-retrieval", *tokens]) == 0
@@ -117,17 +189,7 @@ def test_finetune_retrieval_reports_vtc_and_vtm_metrics(base_tokens, synthetic_s
 
     # Oracle: encode the val split with the saved weights here and count t2v R@1 by hand
     # (a hit only when the paired clip scores strictly above every other clip).
-    model = build_model(cfg.model)
-    model.load_state_dict(load_model_state(cfg.run_dir / "checkpoints" / "step_4"), strict=True)
-    model.eval()
-    vf, tf = [], []
-    with torch.no_grad():
-        for batch in build_loader(cfg.data, "val", train=False):
-            _, v = model.encode_video(normalize_clip(batch["video"], torch.device("cpu"), torch.float32))
-            _, t = model.encode_text(batch["input_ids"], batch["attention_mask"])
-            vf.append(v)
-            tf.append(t)
-    sim = torch.cat(tf) @ torch.cat(vf).T
+    sim = _val_similarity_by_hand(cfg, cfg.run_dir / "checkpoints" / "step_4", cfg.data.num_frames)
     n = sim.shape[0]
     assert n == synthetic_spec["num_val"]
     hits = sum(int(all(sim[i, i] > sim[i, j] for j in range(n) if j != i)) for i in range(n))
@@ -247,13 +309,20 @@ def test_finetune_qa_without_answer_vocabulary_size_is_a_clear_error(base_tokens
 
 
 def test_retrieval_and_pretrain_configs_compose():
-    """The shipped configs load with their model group; retrieval trains on 32 frames."""
+    """The shipped configs load with their model group; retrieval trains on 32 frames and
+    evaluates TESTA's datasets at 96 (its f96 length) in low-resource mode."""
+    from megavid.tasks.base import get_frame_counts
+
     root = Path(__file__).resolve().parents[2] / "configs"
     names = {p.stem for p in (root / "retrieval").glob("*.yaml")}
     assert {"msrvtt", "didemo", "activitynet", "queryd", "condensed_movies"} <= names
     for p in sorted((root / "retrieval").glob("*.yaml")):
         cfg = compose(["model=timesformer_base", str(p)])
         assert (cfg.task.name, cfg.model.video.num_frames, cfg.data.num_frames) == ("retrieval", 32, 32), p
+        # TESTA has f96 configs for these four; MSR-VTT is not among its datasets
+        eval_frames = 32 if p.stem == "msrvtt" else 96
+        assert get_frame_counts(cfg) == {"train": 32, "eval": eval_frames}, p
+        assert cfg.eval.low_resource, p
     for p, model in ((root / "pretrain" / "synthetic_tiny.yaml", "timesformer_tiny"),
                      (root / "pretrain" / "webvid_cc3m_base.yaml", "timesformer_base")):
         cfg = compose([f"model={model}", str(p)])
