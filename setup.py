@@ -31,7 +31,9 @@ setup(
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI `apex` is an unrelated toolkit): never a dependency.
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-timeout", "scikit-video", "nvidia-dali-cuda130"],
+        # optional decode backend (data.backend=decord); CI installs it through `dev`
+        "decord": ["decord>=0.6"],
+        "dev": ["pytest", "pytest-timeout", "scikit-video", "nvidia-dali-cuda130", "decord>=0.6"],
     },
     entry_points={"console_scripts": ["megavid=megavid.cli:main"]},
 )

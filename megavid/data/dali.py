@@ -25,10 +25,17 @@ by one in a 1-sample pipeline of the same kind, names each culprit (shard, key, 
 adds it to a :class:`Quarantine` (a JSON file when ``data.quarantine`` or a path is given),
 rebuilds the pipeline and continues from its cursor; a quarantined sample is replaced by the
 sample at the next permutation position, exactly as the PyAV loader replaces a failed one.
+
+The same loader reads frames shards (:class:`FramesDaliLoader`: T JPEGs per clip) and image
+shards (:class:`ImageDaliLoader`: one JPEG/PNG per sample, a 1-frame clip repeated to T) with
+``fn.decoders.image``, and runs ``data.resampled`` (infinite, with replacement) mode: the
+order, cursor and state are :class:`megavid.data.loader.VideoTextLoader`'s, which hands each
+pass (an epoch from the cursor, or a resampled chunk) to ``_iter_plan``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -41,7 +48,13 @@ import numpy as np
 import torch
 
 from megavid.data.frames import FRAMES_CODEC, is_frames_shard_dir, sample_clip_frames
-from megavid.data.loader import VideoTextLoader, _SampleFailed, build_sample_table, choose_caption
+from megavid.data.loader import (
+    VideoTextLoader,
+    _EpochPlan,
+    _SampleFailed,
+    build_sample_table,
+    choose_caption,
+)
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
 from megavid.data.text import build_tokenizer, tokenize
 from megavid.data.transforms import get_random_resized_crop_box, is_flip_safe, sample_texts
@@ -126,6 +139,7 @@ def select_backend(
     has_cuda: bool | None = None,
     cpu_cores: int | None = None,
     num_gpus: int | None = None,
+    has_decord: bool | None = None,
 ) -> tuple[str, str, str]:
     """What ``data.backend=auto`` picks for videos of ``codec``, and why.
 
@@ -135,7 +149,9 @@ def select_backend(
     GPU machine uses DALI mixed only when its CPU cores per GPU cannot beat that (fewer than
     ~3 cores per GPU); without a GPU, DALI's CPU decoder reads only VP8/VP9/MJPEG and measured
     no faster than PyAV per core (bench/loader_dali.py), so PyAV is the default there too.
-    ``data.backend=dali`` forces DALI.
+    ``data.backend=dali`` forces DALI. decord, where installed, is never picked: it decodes
+    with the same FFmpeg as PyAV and measured no faster per core (bench/loader.py); the reason
+    says so, and ``data.backend=decord`` selects it.
 
     Frames shards (codec "jpeg", ``make-shards --shard-format frames``) always take DALI's
     ``fn.decoders.image``: "mixed" (hardware JPEG engines, ~2,000 clips/s measured on an H100)
@@ -147,11 +163,34 @@ def select_backend(
         has_cuda: override CUDA detection (None: ``torch.cuda.is_available()``).
         cpu_cores: CPU cores this process may use (None: its affinity mask).
         num_gpus: GPUs on this machine sharing those cores (None: ``torch.cuda.device_count()``).
+        has_decord: override decord detection (None: try importing it); only changes the
+            reason of a 'pyav' choice.
 
     Returns:
         (backend, dali_device, reason): backend 'dali' or 'pyav'; dali_device 'mixed', 'cpu'
         or '' for pyav; reason a sentence for ``megavid info`` and logs.
     """
+    backend, device, reason = _select_backend(codec, has_dali=has_dali, has_cuda=has_cuda,
+                                              cpu_cores=cpu_cores, num_gpus=num_gpus)
+    if backend == "pyav":
+        if has_decord is None:
+            from megavid.data.decord_backend import decord_available
+
+            has_decord = decord_available()
+        if has_decord:
+            reason += (f"; decord is installed but PyAV is preferred ({DECORD_VS_PYAV}; "
+                       "data.backend=decord selects it)")
+    return backend, device, reason
+
+
+DECORD_VS_PYAV = ("the same FFmpeg decode; measured 0.95-0.97x PyAV's clips per CPU-second on "
+                  "the same H.264 shards, bench/results/loader_cpu-2core.md")
+"""Why ``auto`` prefers PyAV over decord (``bench/loader.py``, 2-core CPU, 2026-11-23)."""
+
+
+def _select_backend(codec: str, *, has_dali: bool | None, has_cuda: bool | None,
+                    cpu_cores: int | None, num_gpus: int | None) -> tuple[str, str, str]:
+    """``select_backend`` without the decord note."""
     codec = codec.lower()
     has_dali = dali_available() if has_dali is None else has_dali
     has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
@@ -327,6 +366,30 @@ def plan_clip(
     ts = sample_timestamps(num_frames, duration, start=meta.get("start"), end=meta.get("end"),
                            train=train, rng=rng)
     frames = timestamps_to_indices(ts, fps, n_video).astype(np.int32)
+    roi_start, roi_end, flip = plan_box(meta, index, height=height, width=width,
+                                        img_size=img_size, train=train, seed=seed, epoch=epoch,
+                                        random_flip=random_flip)
+    return ClipPlan(index=index, shard=shard, key=str(meta.get("key", "")), frames=frames,
+                    roi_start=roi_start, roi_end=roi_end, flip=flip)
+
+
+def plan_box(meta: dict[str, Any], index: int, *, height: int, width: int, img_size: int,
+             train: bool, seed: int, epoch: int, random_flip: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Crop box (float32 (y, x) start and end, in source pixels) and flip of one sample: the
+    draws ``transform_clip`` makes on a [T, C, height, width] clip (video or image).
+
+    Args:
+        meta: the sample JSON (its captions decide whether a flip is caption-safe).
+        index: the sample's global index (seeds its "augment" generator).
+        height: source height.
+        width: source width.
+        img_size: output side.
+        train: random resized crop + coin (True) or short-side resize + centre crop.
+        seed: run seed.
+        epoch: epoch.
+        random_flip: ``data.random_flip``.
+    """
     flip = False
     if train:
         arng = get_sample_rng(seed, epoch, index, "augment")
@@ -344,13 +407,7 @@ def plan_clip(
         top, left = (new_h - img_size) // 2, (new_w - img_size) // 2
         sy, sx = height / new_h, width / new_w
         box = (top * sy, left * sx, (top + img_size) * sy, (left + img_size) * sx)
-    return ClipPlan(
-        index=index, shard=shard, key=str(meta.get("key", "")),
-        frames=frames,
-        roi_start=np.array(box[:2], dtype=np.float32),
-        roi_end=np.array(box[2:], dtype=np.float32),
-        flip=flip,
-    )
+    return (np.array(box[:2], dtype=np.float32), np.array(box[2:], dtype=np.float32), flip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,19 +625,19 @@ class _Prepared:
 
 
 class _PassSource:
-    """External-source callback of one pipeline: iteration i reads global step
-    ``first_step + i`` of the pass (DALI calls it ahead of consumption, up to ``prefetch``)."""
+    """External-source callback of one pipeline: iteration i reads step ``first_step + i`` of
+    the pass ``plan`` (DALI calls it ahead of consumption, up to ``prefetch``)."""
 
-    def __init__(self, loader: "DaliLoader", perm: np.ndarray, start: int, epoch: int,
-                 first_step: int, steps: int, prepared: dict, lock: threading.Lock) -> None:
-        self.loader, self.perm, self.start, self.epoch = loader, perm, start, epoch
-        self.first_step, self.steps, self.prepared, self.lock = first_step, steps, prepared, lock
+    def __init__(self, loader: "DaliLoader", plan: _EpochPlan, first_step: int, prepared: dict,
+                 lock: threading.Lock) -> None:
+        self.loader, self.plan, self.first_step = loader, plan, first_step
+        self.prepared, self.lock = prepared, lock
 
     def __call__(self, info) -> tuple:
         s = self.first_step + info.iteration
-        if s >= self.steps:
+        if s >= self.plan.steps:
             raise StopIteration
-        p = self.loader._prepare(self.perm, self.start, s, self.epoch)
+        p = self.loader._prepare(self.plan, s)
         with self.lock:
             self.prepared[s] = p
         return p.dali_inputs()
@@ -591,8 +648,9 @@ class DaliLoader(VideoTextLoader):
 
     A :class:`megavid.data.loader.VideoTextLoader` (the PyAV loader) whose batches are decoded
     by DALI: it inherits the sample table, permutation, per-rank positions, drop_last / wrap /
-    eval-padding rules, ``__len__``, ``set_epoch``, ``state_dict`` and ``load_state_dict``, so
-    a run can switch backends on resume. The batch contract is the same ("video",
+    eval-padding rules, resampled mode, ``__iter__``, ``__len__``, ``set_epoch``,
+    ``state_dict`` and ``load_state_dict``, so a run can switch backends on resume; only
+    ``_iter_plan`` (decode a pass with DALI) is its own. The batch contract is the same ("video",
     "input_ids", "attention_mask", "captions", "keys", "meta", "valid", "indices"); "video" is
     on the GPU for ``device='mixed'`` (no round trip through host memory; ``normalize_clip``
     accepts either).
@@ -635,7 +693,7 @@ class DaliLoader(VideoTextLoader):
         # checks rank/world size and that one global batch fits (same messages as PyAV's)
         super().__init__(table, data_cfg, split=split, train=train, rank=rank,
                          world_size=world_size, seed=seed, epoch=epoch)
-        self.codec = get_shard_codec(Path(table.tars[0]).parent)
+        self.codec = self._get_codec()
         self.device = self._get_device(device)
         self.device_id = torch.cuda.current_device() if self.device == "mixed" else None
         self.num_threads = max(1, num_threads or data_cfg.num_workers)
@@ -645,6 +703,10 @@ class DaliLoader(VideoTextLoader):
         self.quarantine = (quarantine if isinstance(quarantine, Quarantine)
                            else Quarantine(quarantine))
         self.tokenizer = build_tokenizer(data_cfg.tokenizer)
+
+    def _get_codec(self) -> str:
+        """The codec of this loader's shards (decides the DALI device)."""
+        return get_shard_codec(Path(self.table.tars[0]).parent)
 
     def _get_device(self, requested: str) -> str:
         """'cpu' or 'mixed' for this loader's shards (raises when they cannot be decoded)."""
@@ -676,8 +738,13 @@ class DaliLoader(VideoTextLoader):
                              shard=self._where(index)[0])
         except DataError as e:
             raise _SampleFailed("decode_error", str(e)) from e
-        encoded = np.frombuffer(self._read(index, self.table.video), dtype=np.uint8)
-        return meta, caption, plan, encoded
+        encoded = self._read(index, self.table.video)
+        if self.cfg.dali_trim_gops:
+            from megavid.data.pyav_backend import trim_to_gops
+
+            # only the GOPs of the sampled frames: DALI does not seek in memory (FRAMES.md)
+            encoded, plan.frames = trim_to_gops(encoded, plan.frames)
+        return meta, caption, plan, np.frombuffer(encoded, dtype=np.uint8)
 
     def _load_meta(self, index: int, epoch: int) -> tuple[dict, str]:
         """Read one sample's JSON and choose its caption (the PyAV loader's choice)."""
@@ -694,20 +761,21 @@ class DaliLoader(VideoTextLoader):
         logger.warning("DALI loader: quarantined sample %s of shard %s (%s: %s); failures so "
                        "far: %s", key, shard, reason, detail[:200], dict(self.failures))
 
-    def _prepare(self, perm: np.ndarray, start: int, step: int, epoch: int) -> _Prepared:
-        """This rank's part of global step ``step`` of a pass that started at ``start``:
-        the positions of ``VideoTextLoader``; quarantined or failing samples are replaced by
-        the next permutation position."""
-        n, g, b = self.num_samples, self.global_batch, self.batch_size
-        first = start + step * g + self.rank * b
+    def _prepare(self, epoch_plan: _EpochPlan, step: int) -> _Prepared:
+        """This rank's part of step ``step`` of the pass ``epoch_plan``: the positions of
+        ``VideoTextLoader`` (``_BatchDataset``); quarantined or failing samples are replaced by
+        the next position of its ``perm`` (the epoch's permutation, or resampled draws)."""
+        n, g, b = self.num_samples, epoch_plan.global_batch, epoch_plan.batch_size
+        perm, start, epoch = epoch_plan.perm, epoch_plan.start, epoch_plan.epoch
+        first = start + step * g + epoch_plan.rank * b
         size = b if self.train else max(0, min(b, n - (start + step * g)))
         out = self._prepared_cls([], [], [], [], [], [])
         for j in range(size):
             pos = first + j
-            in_range = pos < n or self._wrap
+            in_range = pos < n or epoch_plan.wrap
             tries = 0
             while True:
-                index = int(perm[(pos + tries) % n])
+                index = int(perm[(pos + tries) % len(perm)])
                 if self._where(index) not in self.quarantine:
                     try:
                         meta, caption, plan, encoded = self._load(index, epoch)
@@ -784,16 +852,18 @@ class DaliLoader(VideoTextLoader):
                         f"({_first_error_line(error)}); set data.backend=pyav")
 
     # -- iteration ------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        plan = self._plan()  # epoch, start cursor, permutation, steps: fixed for this pass
-        perm, start, steps, epoch = plan.perm, plan.start, plan.steps, plan.epoch
+    def _iter_plan(self, plan: _EpochPlan) -> Iterator[dict[str, Any]]:
+        """The batches of one pass (an epoch from the cursor, or a resampled chunk) decoded by
+        DALI; ``VideoTextLoader.__iter__`` moves the cursor and ends the epoch, so order,
+        resume and resampled mode are the PyAV loader's."""
+        steps = plan.steps
         step = 0
         consecutive = 0
         while step < steps:
             first_step = step
             prepared: dict[int, _Prepared] = {}
             lock = threading.Lock()
-            source = _PassSource(self, perm, start, epoch, first_step, steps, prepared, lock)
+            source = _PassSource(self, plan, first_step, prepared, lock)
             pipe = self._build_pipeline(source, batch_size=self.batch_size,
                                         num_threads=self.num_threads, prefetch=self.prefetch)
             try:
@@ -817,26 +887,29 @@ class DaliLoader(VideoTextLoader):
                     consecutive = 0
                     clip = self._to_clip(video, p)
                     step += 1
-                    self.cursor = start + step * self.global_batch
-                    if not self._wrap:
-                        self.cursor = min(self.cursor, self.num_samples)
                     yield self._assemble(clip, p)
             finally:
                 del pipe
-        self._end_of_pass()  # train: next epoch; eval: rewind (as the PyAV loader)
 
 
 def _first_error_line(error: BaseException) -> str:
     """The informative part of a DALI error, which wraps the cause in the pipeline definition's
     traceback: the FFmpeg reason ("... due to: Invalid data found ...") when there is one, else
-    the failed assertion, else the last line."""
+    the failed assertion, else the operator and what it "encountered" (image decoders:
+    "fn.decoders.image: nvImageCodec failure: '#17'"), else the last line."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if ln != "Current pipeline object is no longer valid."]
     for ln in lines:
         if "due to" in ln:
             return ln[ln.rfind("] ") + 2 if "] " in ln else 0:][:300]
     for ln in lines:
         if ln.startswith(("Assert", "Failed", "Error while")):
             return ln[:300]
+    if "encountered:" in lines[:-1]:
+        cause = lines[lines.index("encountered:") + 1]
+        op = next((ln.split("`")[1] for ln in lines if ln.startswith("Error in") and
+                   ln.count("`") >= 2), "")
+        return (f"{op.removeprefix('nvidia.dali.')}: {cause}" if op else cause)[:300]
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
@@ -855,7 +928,9 @@ def build_dali_loader(
     """The DALI loader of a split: ``build_loader``'s signature plus DALI options.
 
     Frames shards (``make-shards --shard-format frames``) get a :class:`FramesDaliLoader`
-    (``fn.decoders.image``), video shards a :class:`DaliLoader` (``fn.decoders.video``).
+    (``fn.decoders.image``), image shards (``{key}.jpg|.png``) an :class:`ImageDaliLoader`
+    (``fn.decoders.image``, 1-frame clips), video shards a :class:`DaliLoader`
+    (``fn.decoders.video``).
 
     Args:
         data_cfg: the ``data`` config section.
@@ -868,11 +943,14 @@ def build_dali_loader(
         device: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed'.
         quarantine: a :class:`Quarantine` or its JSON path (None: ``data_cfg.quarantine``).
     """
-    from megavid.data.loader import get_split_spec
+    from megavid.data.loader import get_split_spec, is_image_split
     from megavid.data.shards import list_shards
 
     first = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0]
-    cls = FramesDaliLoader if is_frames_shard_dir(first.parent) else DaliLoader
+    if is_image_split(data_cfg, split):
+        cls = ImageDaliLoader
+    else:
+        cls = FramesDaliLoader if is_frames_shard_dir(first.parent) else DaliLoader
     return cls(data_cfg, split, train=train, rank=rank, world_size=world_size,
                seed=seed, epoch=epoch, device=device, quarantine=quarantine)
 
@@ -883,6 +961,30 @@ def build_dali_loader(
 HW_DECODER_LOAD = 0.65
 """Share of the JPEGs sent to the hardware JPEG engines of a "mixed" image decoder (the rest go
 to CUDA nvJPEG). DESIGN.md: 0.65 gave 1,900-2,100 clips/s on an H100, 0 (CUDA only) 820."""
+
+
+def get_image_decoder_device(requested: str = "auto", what: str = "images") -> str:
+    """The ``fn.decoders.image`` backend ('cpu' or 'mixed') of frames and image shards.
+
+    Args:
+        requested: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed'.
+        what: what is decoded, for the messages.
+
+    Raises:
+        DataError: DALI is missing, or 'mixed' without a GPU.
+    """
+    if not dali_available():
+        raise DataError(f"{what} need nvidia-dali for data.backend=dali: pip install "
+                        "'megavid[dali]'")
+    device = requested
+    if device == "auto":
+        device = "mixed" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "mixed"):
+        raise ConfigError(f"DALI device {requested!r} must be 'auto', 'cpu' or 'mixed'")
+    if device == "mixed" and not torch.cuda.is_available():
+        raise DataError("DALI mixed (GPU) JPEG decoding needs a CUDA GPU; none is visible "
+                        "(check CUDA_VISIBLE_DEVICES) or use device='cpu'")
+    return device
 
 
 def build_frames_pipeline(
@@ -960,7 +1062,22 @@ class _FramesPrepared(_Prepared):
         return jpegs, starts, ends, flips
 
 
-class FramesDaliLoader(DaliLoader):
+class _ImageDecoderLoader(DaliLoader):
+    """Base of the loaders that decode with ``fn.decoders.image`` (:func:`build_frames_pipeline`):
+    one DALI sample per JPEG/PNG, ``_images_per_clip()`` of them per clip."""
+
+    def _images_per_clip(self) -> int:
+        return self.cfg.num_frames
+
+    def _build_pipeline(self, source: Callable, *, batch_size: int, num_threads: int,
+                        prefetch: int):
+        return build_frames_pipeline(source, batch_size=batch_size * self._images_per_clip(),
+                                     img_size=self.cfg.img_size, device=self.device,
+                                     device_id=self.device_id, num_threads=num_threads,
+                                     prefetch=prefetch, seed=self.seed)
+
+
+class FramesDaliLoader(_ImageDecoderLoader):
     """:class:`DaliLoader` over frames shards: the same order, cursor, state, quarantine and
     per-sample draws, with the clip's frames read as JPEG members and decoded by
     ``fn.decoders.image`` ("mixed": hardware JPEG engines; "cpu": DALI's CPU decoder).
@@ -985,17 +1102,7 @@ class FramesDaliLoader(DaliLoader):
         if self.codec != FRAMES_CODEC:
             raise DataError(f"the shards hold {self.codec} videos, not frames; use the video "
                             "DALI loader (build_dali_loader picks it)")
-        if not dali_available():
-            raise DataError("frames shards need nvidia-dali: pip install 'megavid[dali]'")
-        device = requested
-        if device == "auto":
-            device = "mixed" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "mixed"):
-            raise ConfigError(f"DALI device {requested!r} must be 'auto', 'cpu' or 'mixed'")
-        if device == "mixed" and not torch.cuda.is_available():
-            raise DataError("DALI mixed (GPU) JPEG decoding needs a CUDA GPU; none is visible "
-                            "(check CUDA_VISIBLE_DEVICES) or use device='cpu'")
-        return device
+        return get_image_decoder_device(requested, "frames shards")
 
     def _load(self, index: int, epoch: int) -> tuple[dict, str, ClipPlan, list[np.ndarray]]:
         meta, caption = self._load_meta(index, epoch)
@@ -1032,13 +1139,67 @@ class FramesDaliLoader(DaliLoader):
             raise _SampleFailed("read_error", str(e)) from e
         return out
 
-    def _build_pipeline(self, source: Callable, *, batch_size: int, num_threads: int,
-                        prefetch: int):
-        return build_frames_pipeline(source, batch_size=batch_size * self.cfg.num_frames,
-                                     img_size=self.cfg.img_size, device=self.device,
-                                     device_id=self.device_id, num_threads=num_threads,
-                                     prefetch=prefetch, seed=self.seed)
-
     def _to_clip(self, out, p: _Prepared) -> torch.Tensor:
         frames = dali_to_torch(out)  # [B*T, C, H, W]
         return frames.view(len(p.indices), self.cfg.num_frames, *frames.shape[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# Image shards: fn.decoders.image, 1-frame clips
+# --------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _ImagePrepared(_Prepared):
+    """A prepared batch of an image loader: ``encoded[i]`` is one JPEG/PNG, decoded once."""
+
+    def dali_inputs(self, sel: slice = slice(None)) -> tuple:
+        plans = self.plans[sel]
+        return (self.encoded[sel], [p.roi_start for p in plans], [p.roi_end for p in plans],
+                [np.array(int(p.flip), dtype=np.int32) for p in plans])
+
+
+class ImageDaliLoader(_ImageDecoderLoader):
+    """:class:`DaliLoader` over image shards (``{key}.jpg|.jpeg|.png`` + ``{key}.json``): every
+    image is a 1-frame clip, decoded once by ``fn.decoders.image`` (the frames pipeline with
+    one DALI sample per image) and repeated to ``num_frames`` frames, as the PyAV loader's
+    ``pyav_backend.decode_image`` does, so images and videos share one batch shape.
+
+    Crop box and flip: :func:`plan_box` over the image size read from the file header (PIL
+    parses the header only; no decode in Python), the draws ``transform_clip`` makes on the
+    PyAV path. Order, cursor, state, resampled mode, quarantine: :class:`DaliLoader`'s.
+    Arguments: as :class:`DaliLoader`.
+    """
+
+    _prepared_cls = _ImagePrepared
+
+    def _get_codec(self) -> str:
+        return "image"  # image JSONs need not record a codec; fn.decoders.image reads both
+
+    def _get_device(self, requested: str) -> str:
+        return get_image_decoder_device(requested, "image shards")
+
+    def _load(self, index: int, epoch: int) -> tuple[dict, str, ClipPlan, np.ndarray]:
+        from PIL import Image, UnidentifiedImageError
+
+        meta, caption = self._load_meta(index, epoch)
+        meta["is_image"] = True  # as the PyAV loader marks image samples
+        data = self._read(index, self.table.video)
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # header only: the size for the box
+                width, height = im.size
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise _SampleFailed("decode_error", f"cannot decode image: {e}") from e
+        roi_start, roi_end, flip = plan_box(
+            meta, index, height=height, width=width, img_size=self.cfg.img_size,
+            train=self.train, seed=self.seed, epoch=epoch, random_flip=self.cfg.random_flip)
+        shard, key = self._where(index)
+        plan = ClipPlan(index=index, shard=shard, key=key, frames=np.zeros(1, dtype=np.int32),
+                        roi_start=roi_start, roi_end=roi_end, flip=flip)
+        return meta, caption, plan, np.frombuffer(data, dtype=np.uint8)
+
+    def _images_per_clip(self) -> int:
+        return 1  # decoded once, repeated to num_frames in _to_clip
+
+    def _to_clip(self, out, p: _Prepared) -> torch.Tensor:
+        images = dali_to_torch(out)  # [B, C, H, W]
+        # T copies (not a stride-0 view): consumers may normalise the batch in place
+        return images.unsqueeze(1).expand(-1, self.cfg.num_frames, -1, -1, -1).contiguous()

@@ -25,14 +25,16 @@ Design (why resume is exact):
 Images, mixing, resampling:
 
 * Image samples (``{key}.jpg|.jpeg|.png`` + ``{key}.json``) are clips of one frame, decoded with
-  PIL and repeated to ``num_frames`` so batches stay rectangular [B, T, C, H, W]; their meta
-  carries ``is_image: True``. Only the PyAV loader reads them (``auto`` picks it).
+  PIL (PyAV/decord loaders) or DALI's ``fn.decoders.image`` (``dali.ImageDaliLoader``) and
+  repeated to ``num_frames`` so batches stay rectangular [B, T, C, H, W]; their meta carries
+  ``is_image: True``. ``auto`` picks DALI on a GPU, else PIL.
 * ``data.image_ratio`` > 0 with ``data.image_train`` builds a ``MixedLoader``: every rank's
   train batch is ``batch_size x (1 - ratio)`` clips then ``batch_size x ratio`` images, from two
   loaders with their own cursors; the state holds both (``megavid.data.mixing``).
 * ``data.resampled``: global step s draws G samples with replacement from an RNG seeded by
   (seed, s) (:func:`get_resampled_indices`); iteration never ends, ``len()`` is a nominal epoch
-  (N // G steps) and the state's cursor is the step count.
+  (N // G steps) and the state's cursor is the step count. Every backend (PyAV, decord, DALI)
+  runs it: they share ``VideoTextLoader.__iter__`` and differ only in ``_iter_plan``.
 
 Per-sample randomness (frame offsets, caption choice, crop/flip) comes from
 ``sampling.get_sample_rng(seed, epoch, index, stream)``: a sample looks the same in every
@@ -153,7 +155,8 @@ def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable
     )
 
 
-def get_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+def get_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool,
+                    block: int = 1) -> np.ndarray:
     """The epoch's sample order: a permutation drawn from (seed, epoch), or the identity.
 
     Args:
@@ -161,10 +164,17 @@ def get_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> n
         seed: the run seed.
         epoch: the epoch.
         shuffle: False gives 0..N-1.
+        block: shuffle the runs [0, block), [block, 2*block), ... as units, each run kept
+            together and in index order (``data.shuffle_block``); 1 shuffles single samples.
     """
     if not shuffle:
         return np.arange(num_samples, dtype=np.int64)
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    if block <= 1:
+        return rng.permutation(num_samples)
+    starts = rng.permutation(-(-num_samples // block)) * block
+    order = (starts[:, None] + np.arange(block)[None, :]).ravel()
+    return order[order < num_samples].astype(np.int64)
 
 
 def get_resampled_indices(num_samples: int, seed: int, first_step: int, steps: int,
@@ -504,7 +514,7 @@ class VideoTextLoader:
         return _EpochPlan(
             epoch=self.epoch, start=self.cursor,
             perm=get_permutation(self.num_samples, self.seed, self.epoch,
-                                 self.train and self.cfg.shuffle),
+                                 self.train and self.cfg.shuffle, self.cfg.shuffle_block),
             steps=self._steps_from(self.cursor), global_batch=self.global_batch,
             batch_size=self.batch_size, rank=self.rank, wrap=self._wrap)
 
@@ -516,43 +526,26 @@ class VideoTextLoader:
                 logger.warning("skipped sample %s in shard %s (%s: %s); %d skipped so far: %s",
                                key, shard, reason, detail, self._logged, dict(self.failures))
 
-    def _iter_resampled(self) -> Iterator[dict[str, Any]]:
-        """Resampled (infinite) mode: global step s draws its G samples with replacement from
-        ``get_resampled_indices`` (seeded by (seed, s)), so the order depends on the step count
-        alone. Steps are read in chunks of one nominal epoch L = len(self), aligned to multiples
-        of L (chunk c = steps [c*L, (c+1)*L) uses c as the per-sample augmentation epoch), so a
-        resumed run cuts the same chunks and sees bit-identical batches."""
+    def _resampled_plan(self) -> _EpochPlan:
+        """Resampled (infinite) mode's plan from the cursor (= global steps taken): global step
+        s draws its G samples with replacement from ``get_resampled_indices`` (seeded by
+        (seed, s)), so the order depends on the step count alone. Steps are read in chunks of
+        one nominal epoch L = len(self), aligned to multiples of L (chunk c = steps
+        [c*L, (c+1)*L) uses c as the per-sample augmentation epoch), so a resumed run cuts the
+        same chunks and sees bit-identical batches."""
         steps_per_chunk, g = len(self), self.global_batch
-        nw = self.cfg.num_workers
-        while True:
-            chunk, offset = divmod(self.cursor, steps_per_chunk)
-            self.epoch = chunk
-            plan = _EpochPlan(
-                epoch=chunk, start=offset * g,
-                perm=get_resampled_indices(self.num_samples, self.seed, chunk * steps_per_chunk,
-                                           steps_per_chunk, g),
-                steps=steps_per_chunk - offset, global_batch=g, batch_size=self.batch_size,
-                rank=self.rank, wrap=True)
-            dataset = _BatchDataset(self.table, self.cfg, plan, train=True, seed=self.seed,
-                                    decode_fn=self.decode_fn, tokenizer=self.tokenizer)
-            loader = DataLoader(
-                dataset, batch_size=None, shuffle=False, num_workers=nw, collate_fn=_identity,
-                worker_init_fn=_worker_init if nw > 0 else None, persistent_workers=False)
-            for batch in loader:
-                self._record(batch)
-                if "_abort" in batch:
-                    raise DataError(batch["_abort"])
-                self.cursor += 1
-                yield batch
+        chunk, offset = divmod(self.cursor, steps_per_chunk)
+        self.epoch = chunk
+        return _EpochPlan(
+            epoch=chunk, start=offset * g,
+            perm=get_resampled_indices(self.num_samples, self.seed, chunk * steps_per_chunk,
+                                       steps_per_chunk, g),
+            steps=steps_per_chunk - offset, global_batch=g, batch_size=self.batch_size,
+            rank=self.rank, wrap=True)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._resampled:
-            yield from self._iter_resampled()
-            return
-        plan = self._plan()
-        if plan.steps == 0:
-            self._end_of_pass()
-            return
+    def _iter_plan(self, plan: _EpochPlan) -> Iterator[dict[str, Any]]:
+        """This rank's batches of ``plan``, decoded (the decode backend's part: DataLoader
+        workers here, a DALI pipeline in ``megavid.data.dali``). Moves no cursor."""
         dataset = _BatchDataset(self.table, self.cfg, plan, train=self.train, seed=self.seed,
                                 decode_fn=self.decode_fn, tokenizer=self.tokenizer)
         nw = self.cfg.num_workers
@@ -561,12 +554,24 @@ class VideoTextLoader:
             worker_init_fn=_worker_init if nw > 0 else None, persistent_workers=False)
         # The DataLoader hands item i to worker i % nw and yields items in index order (its
         # default in-order delivery), so the batch sequence never depends on worker timing.
-        n = self.num_samples
-        for step, batch in enumerate(loader):
-            if "_abort" in batch:
-                self._record(batch)
-                raise DataError(batch["_abort"])
+        for batch in loader:
             self._record(batch)
+            if "_abort" in batch:
+                raise DataError(batch["_abort"])
+            yield batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._resampled:  # never ends: one nominal epoch (chunk) after another
+            while True:
+                for batch in self._iter_plan(self._resampled_plan()):
+                    self.cursor += 1
+                    yield batch
+        plan = self._plan()
+        if plan.steps == 0:
+            self._end_of_pass()
+            return
+        n = self.num_samples
+        for step, batch in enumerate(self._iter_plan(plan)):
             self.cursor = plan.start + (step + 1) * plan.global_batch
             if not plan.wrap:
                 self.cursor = min(self.cursor, n)
@@ -620,17 +625,23 @@ def read_split_meta(data_cfg: DataConfig, split: str) -> list[dict[str, Any]]:
 
 
 def build_pyav_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
-                      world_size: int = 1, seed: int = 0, epoch: int = 0) -> VideoTextLoader:
+                      world_size: int = 1, seed: int = 0, epoch: int = 0,
+                      decode_fn: Callable = pyav_backend.decode_clip) -> VideoTextLoader:
     """The PyAV (CPU) loader over the shards of ``split``; see :func:`build_loader`.
 
     On frames shards (``megavid.data.frames``) it is the no-DALI fallback: the worker processes
     read the stored JPEGs nearest to the sampled timestamps and decode them with PIL, then apply
-    the same transforms (same per-sample draws) as for video."""
+    the same transforms (same per-sample draws) as for video.
+
+    Args:
+        decode_fn: the video decode function, with ``pyav_backend.decode_clip``'s signature
+            (``decord_backend.decode_clip`` for ``data.backend=decord``); the rest as
+            :func:`build_loader`."""
     get_tokenizer_path(data_cfg.tokenizer)  # a config error before the index is read
     # frames shards: the same loader decodes the stored JPEGs with PIL (SampleTable.frames)
     table = build_sample_table(get_split_spec(data_cfg, split), data_cfg.root)
     return VideoTextLoader(table, data_cfg, split=split, train=train, rank=rank,
-                           world_size=world_size, seed=seed, epoch=epoch)
+                           world_size=world_size, seed=seed, epoch=epoch, decode_fn=decode_fn)
 
 
 def _build_dali(data_cfg: DataConfig, split: str, **kw: Any) -> Any:
@@ -643,10 +654,18 @@ def _build_dali(data_cfg: DataConfig, split: str, **kw: Any) -> Any:
     return build_dali_loader(data_cfg, split, **kw)
 
 
-LOADER_BACKENDS: dict[str, Callable[..., Any]] = {"pyav": build_pyav_loader, "dali": _build_dali}
+def _build_decord(data_cfg: DataConfig, split: str, **kw: Any) -> VideoTextLoader:
+    from megavid.data.decord_backend import build_decord_loader
+
+    return build_decord_loader(data_cfg, split, **kw)
+
+
+LOADER_BACKENDS: dict[str, Callable[..., Any]] = {"pyav": build_pyav_loader, "dali": _build_dali,
+                                                  "decord": _build_decord}
 """data.backend -> builder with ``build_loader``'s signature. ``megavid.data.dali`` provides
 ``build_dali_loader(data_cfg, split, *, train, rank, world_size, seed, epoch)`` returning a loader
-with the same contract (batches, set_epoch, state_dict, failures)."""
+with the same contract (batches, set_epoch, state_dict, failures); ``decord`` is the PyAV loader
+with ``megavid.data.decord_backend.decode_clip`` as its decode function."""
 
 
 def get_backend(name: str, data_cfg: DataConfig | None = None, split: str = "train"
@@ -660,7 +679,7 @@ def get_backend(name: str, data_cfg: DataConfig | None = None, split: str = "tra
     Falls back to PyAV when the DALI module or its loader is missing.
 
     Args:
-        name: 'auto', 'pyav' or 'dali'.
+        name: 'auto', 'pyav', 'dali' or 'decord'.
         data_cfg: needed for 'auto' (to find the split's codec).
         split: the split whose codec decides 'auto'.
     """
@@ -674,7 +693,8 @@ def get_backend(name: str, data_cfg: DataConfig | None = None, split: str = "tra
 
 def is_image_split(data_cfg: DataConfig, split: str) -> bool:
     """True when the first sample of the split's first shard folder is an image sample
-    (``{key}.jpg|.jpeg|.png``, not a frames sample): such shards are read by the PyAV loader.
+    (``{key}.jpg|.jpeg|.png``, not a frames sample): 1-frame clips, decoded with PIL (PyAV and
+    decord loaders) or DALI's image decoder (``dali.ImageDaliLoader``).
 
     Args:
         data_cfg: the data config (root).
@@ -702,8 +722,12 @@ def _resolve_auto(data_cfg: DataConfig, split: str) -> str:
     from megavid.data.shards import list_shards
 
     if is_image_split(data_cfg, split):
-        logger.info("data.backend=auto -> pyav (image shards: PIL decode)")
-        return "pyav"
+        # a GPU decodes JPEGs in its hardware engines (DESIGN.md); without one, PIL in the
+        # PyAV loader's worker processes
+        backend = "dali" if dali.dali_available() and torch.cuda.is_available() else "pyav"
+        logger.info("data.backend=auto -> %s (image shards: %s)", backend,
+                    "DALI fn.decoders.image on the GPU" if backend == "dali" else "PIL decode")
+        return backend
     shard_dir = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0].parent
     backend, _, reason = dali.select_backend(dali.get_shard_codec(shard_dir))
     logger.info("data.backend=auto -> %s (%s)", backend, reason)
@@ -735,12 +759,6 @@ def build_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0
     if data_cfg.name != "shards":
         raise ConfigError(f"data.name={data_cfg.name!r} is unknown; valid: shards, synthetic")
     builder = get_backend(data_cfg.backend, data_cfg, split)
-    if builder is not build_pyav_loader and is_image_split(data_cfg, split):
-        raise ConfigError(f"the '{split}' shards hold images, which only the PyAV loader reads "
-                          "(PIL decode); set data.backend=pyav or auto")
-    if train and data_cfg.resampled and builder is not build_pyav_loader:
-        raise ConfigError("data.resampled=true is implemented by the PyAV loader only; set "
-                          "data.backend=pyav or data.resampled=false")
     if train and split == "train" and data_cfg.image_ratio > 0:
         from megavid.data.mixing import build_mixed_loader  # (mixing imports this module)
 

@@ -25,3 +25,11 @@ def corrupt_shards(tmp_path_factory) -> Path:
 def h264_shards(tmp_path_factory) -> Path:
     """8 H.264 samples (for the mixed-backend GPU test and the CPU-rejection test)."""
     return make_shards(tmp_path_factory.mktemp("h264") / "shards", 8, codec="h264")
+
+
+@pytest.fixture(scope="session")
+def image_shards(tmp_path_factory) -> Path:
+    """10 images (JPEG and PNG, 56x40) in 3 shards of 4, 4, 2."""
+    from dali_shards import make_image_shards
+
+    return make_image_shards(tmp_path_factory.mktemp("images") / "shards", 10)

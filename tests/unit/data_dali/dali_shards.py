@@ -78,3 +78,41 @@ def data_cfg(shards: Path, **kw):
                   max_text_len=16)
     values.update(kw)
     return DataConfig(**values)
+
+
+def render_image(index: int, height: int = 40, width: int = 56) -> np.ndarray:
+    """uint8 [H, W, 3]: smooth gradients with a per-image offset and a bright block, so a wrong
+    sample, crop or flip shows while resamplers agree to a level or two."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([xx / width * 200, yy / height * 200,
+                    np.full_like(xx, (index * 41) % 200)], -1) + 5.0 * index
+    img[4:16, 6 + 3 * index:18 + 3 * index] = (240, 40, 200)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_image_shards(out_dir: Path, n: int, *, corrupt: tuple[int, ...] = ()) -> Path:
+    """``n`` image samples (even: JPEG, odd: PNG) in shards of 4; samples in ``corrupt`` are
+    PNGs whose image data is garbage after a valid header (PIL reads the size, DALI's decoder
+    fails; a garbled JPEG would not do: libjpeg-turbo decodes it to noise with a warning)."""
+    import io
+
+    from PIL import Image
+
+    from megavid.data.shards import ShardSample, write_shards
+
+    samples = []
+    for i in range(n):
+        buf = io.BytesIO()
+        fmt, ext = ("JPEG", "jpg") if i % 2 == 0 and i not in corrupt else ("PNG", "png")
+        Image.fromarray(render_image(i)).save(buf, format=fmt, **({"quality": 95} if
+                                                                   fmt == "JPEG" else {}))
+        data = buf.getvalue()
+        if i in corrupt:
+            cut = data.index(b"IDAT") + 12
+            data = data[:cut] + bytes((b * 11 + 5) % 256 for b in range(len(data) - cut))
+        key = f"img_{i:04d}"
+        meta = {"key": key, "captions": [f"a photo number {i}", f"picture {i}"],
+                "width": 56, "height": 40, "source": f"test/{key}.{ext}"}
+        samples.append(ShardSample(key=key, video=data, ext=ext, meta=meta, source=key))
+    write_shards(samples, out_dir, max_count=4)
+    return out_dir

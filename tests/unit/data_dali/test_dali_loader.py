@@ -235,6 +235,14 @@ def test_backend_choice_and_codec_errors(vp9_shards, h264_shards):
     assert select_backend("h264", has_dali=True, has_cuda=False)[:2] == ("pyav", "")
     assert select_backend("vp9", has_dali=True, has_cuda=False)[:2] == ("pyav", "")
     assert select_backend("vp9", has_dali=False, has_cuda=True, cpu_cores=1)[:2] == ("pyav", "")
+    # decord is never auto's choice (same FFmpeg decode, no faster per core: bench/loader.py);
+    # where it is installed the reason says how to select it
+    with_decord = select_backend("h264", has_dali=True, has_cuda=False, has_decord=True)
+    without = select_backend("h264", has_dali=True, has_cuda=False, has_decord=False)
+    assert with_decord[:2] == without[:2] == ("pyav", "")
+    assert "data.backend=decord" in with_decord[2] and "decord" not in without[2]
+    assert "decord" not in select_backend("h264", has_dali=True, has_cuda=True, cpu_cores=1,
+                                          num_gpus=8, has_decord=True)[2]  # DALI mixed wins
     assert get_dali_device("vp9", "cpu") == "cpu"
     with pytest.raises(DataError, match="data.backend=pyav"):
         get_dali_device("h264", "cpu")

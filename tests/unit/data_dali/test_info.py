@@ -41,6 +41,17 @@ def test_json_report(vp9_shards, h264_shards, capsys):
     assert decode["PyAV CPU (vp9)"]["ok"] is True
     assert decode["PyAV CPU (h264)"]["ok"] is True
     assert decode["DALI cpu (vp9)"]["ok"] is True
+    try:
+        import decord
+    except ImportError:
+        assert v["decord"] == "not installed" and decode["decord CPU (h264)"]["ok"] is None
+    else:
+        assert v["decord"] == decord.__version__
+        assert decode["decord CPU (h264)"]["ok"] is True
+        if auto_is_pyav := (r["auto"][str(h264_shards)]["backend"] == "pyav"):
+            # auto says why it leaves decord out, and how to select it
+            assert "data.backend=decord" in r["auto"][str(h264_shards)]["reason"]
+        assert auto_is_pyav or torch.cuda.is_available()
     if torch.cuda.is_available():
         assert decode["DALI mixed (h264)"]["ok"] is True
     else:

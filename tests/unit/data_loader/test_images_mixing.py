@@ -242,13 +242,17 @@ def test_resampled_with_mixing_resumes_both_sources(mixed_root):
     assert [b["keys"] for b in take(resumed, 5)] == full[7:]
 
 
-def test_image_shards_go_to_the_pyav_loader(mixed_root):
+def test_image_shards_backend_choice(mixed_root):
     pytest.importorskip("nvidia.dali")
-    from megavid.data.dali import DaliLoader
+    from megavid.data.dali import DaliLoader, ImageDaliLoader
 
-    # codec "jpeg" in a sample JSON would otherwise look like a frames shard to auto
+    # codec "jpeg" in a sample JSON would otherwise look like a frames shard to auto; without
+    # a GPU auto decodes images with PIL (the PyAV loader)
     auto = build_loader(data_config(mixed_root, backend="auto"), "images", train=False)
-    assert not isinstance(auto, DaliLoader)
+    if not torch.cuda.is_available():
+        assert not isinstance(auto, DaliLoader)
     assert sorted(k for b in auto for k in b["keys"]) == [f"img{i:03d}" for i in range(NUM_IMAGES)]
-    with pytest.raises(ConfigError, match="only the PyAV loader"):
-        build_loader(data_config(mixed_root, backend="dali"), "images", train=False)
+    # data.backend=dali reads them with fn.decoders.image (tests/unit/data_dali compares them)
+    dali = build_loader(data_config(mixed_root, backend="dali"), "images", train=False)
+    assert isinstance(dali, ImageDaliLoader)
+    assert sorted(k for b in dali for k in b["keys"]) == [f"img{i:03d}" for i in range(NUM_IMAGES)]
