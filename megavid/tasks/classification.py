@@ -15,7 +15,6 @@ pooled token, the standard finetuning feature) plus a linear head; weights named
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from dataclasses import dataclass, field
@@ -53,6 +52,27 @@ def get_field(meta: dict, path: str) -> Any:
     return node
 
 
+def get_data_file(cfg: Config, value: str, name: str) -> Path:
+    """A file named by a ``task.cls`` path: absolute as given; relative, looked up under
+    ``data.root`` first (released annotation trees live beside the shards, so configs name the
+    files as they are released), then in the working directory.
+
+    Args:
+        cfg: the resolved config.
+        value: the path as configured.
+        name: the config key (for the error message).
+    """
+    p = Path(value)
+    if p.is_absolute():
+        return p
+    for cand in (Path(cfg.data.root) / p, p):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"{name}={value!r} is neither under data.root={cfg.data.root!r} nor in the "
+                      f"working directory; set data.root to the dataset folder or give {name} "
+                      "an absolute path")
+
+
 def read_class_file(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
     """Class names, one per line; Charades style ``c000 Holding some clothes`` lines give the
     name after the id and let the id stand for the class too.
@@ -84,41 +104,40 @@ def read_class_file(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, 
     return names, alias
 
 
-def read_label_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Labels from a CSV: Charades-Ego style (``id``, ``actions`` = ``c092 11.9 21.2;c147 0.0
-    12.6``: a list of class ids per video) or generic (``path``/``video`` + ``label``; a file
-    without a header is read as ``path,label`` rows).
+def read_label_file(path: str | os.PathLike[str], *, multilabel: bool = False) -> dict[str, Any]:
+    """Labels from a label file beside the shards, read by make-shards' own annotation readers
+    (:mod:`megavid.data.annotations`, so each format has one parser): a Charades-Ego CSV
+    (``id``, ``actions`` = ``c092 11.9 21.2;c147 0.0 12.6``: the class numbers of a video) or a
+    ``path,label`` list (``classification``; ``multilabel``: ``path,l1;l2``).
+
+    Args:
+        path: the file (``task.cls.label_file``).
+        multilabel: read a generic list as multi-label (Charades-Ego always is).
 
     Returns:
-        video id (the path's stem) -> label, or list of labels for the Charades format.
+        video id (the video's path and its stem) -> label, or list of labels.
     """
+    from megavid.data.annotations import detect_format, read_annotations
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"task.cls.label_file={str(p)!r} does not exist")
-    rows = list(csv.reader(p.read_text(encoding="utf-8-sig").splitlines()))
-    if not rows:
-        raise DataError(f"label file {p} is empty")
-    header = [h.strip().lower() for h in rows[0]]
-    out: dict[str, Any] = {}
-    if "actions" in header and "id" in header:
-        i_id, i_act = header.index("id"), header.index("actions")
-        for r in rows[1:]:
-            if len(r) <= max(i_id, i_act):
-                continue
-            acts = [a.split()[0] for a in r[i_act].split(";") if a.strip()]
-            out[r[i_id].strip()] = acts
-        return out
-    vcol = next((c for c in ("path", "video", "video_id", "id", "key") if c in header), None)
-    if vcol is not None and "label" in header:
-        i_v, i_l, body = header.index(vcol), header.index("label"), rows[1:]
-    elif len(rows[0]) == 2:
-        i_v, i_l, body = 0, 1, rows
+    if p.suffix.lower() == ".csv" and detect_format(p) == "charades_ego":
+        fmt = "charades_ego"
     else:
-        raise DataError(f"label file {p}: cannot find its columns (want 'id'+'actions' as in "
-                        "Charades-Ego, or 'path'+'label'); fix the header")
-    for r in body:
-        if len(r) > max(i_v, i_l) and r[i_v].strip():
-            out[Path(r[i_v].strip()).stem] = r[i_l].strip()
+        fmt = "multilabel" if multilabel else "classification"
+    out: dict[str, Any] = {}
+    for rec in read_annotations(p, fmt):
+        if "labels" in rec.extra:
+            value = list(rec.extra["labels"])
+        elif "label" in rec.extra:
+            value = rec.extra["label"]
+        else:  # a row without a label: make-shards counts it; here it simply has no entry
+            continue
+        out[rec.video] = value
+        out.setdefault(Path(rec.video).stem, value)
+    if not out:
+        raise DataError(f"label file {p} holds no labelled rows; check its format ({fmt})")
     return out
 
 
@@ -214,12 +233,13 @@ def build_label_space(cfg: Config) -> LabelSpace:
     """The label space of ``cfg.task.cls`` (class names from the config, a class file, or the
     sorted label values of the train split)."""
     c = cfg.task.cls
-    label_map = read_label_file(c.label_file) if c.label_file else None
+    label_map = (read_label_file(get_data_file(cfg, c.label_file, "task.cls.label_file"),
+                                 multilabel=c.multilabel) if c.label_file else None)
     alias: dict[str, int] = {}
     if c.classes:
         classes = list(c.classes)
     elif c.class_file:
-        classes, alias = read_class_file(c.class_file)
+        classes, alias = read_class_file(get_data_file(cfg, c.class_file, "task.cls.class_file"))
     else:
         probe = LabelSpace(classes=[], label_field=c.label_field, label_map=label_map)
         values: set = set()
@@ -330,18 +350,20 @@ class ClassificationTask(VideoTextTask):
         from megavid.eval.gather import gather_features, gather_objects
 
         loader = self.build_eval_loader(split, self.rank, self.world_size)
-        logits, targets, keys, valids = [], [], [], []
+        logits, targets, keys, valids, indices = [], [], [], [], []
         for batch in loader:
             video = normalize_clip(batch["video"], self.device, self.dtype)
             logits.append(model(video).float().cpu())
             targets.append(self.labels.targets(batch["meta"]))
             keys += batch["keys"]
             valids.append(batch.get("valid", torch.ones(len(batch["keys"]), dtype=torch.bool)))
+            indices.append(batch.get("indices"))
         valid = torch.cat(valids)
-        ok = gather_objects(valid.tolist())
-        return (gather_features(torch.cat(logits), valid),
-                gather_features(torch.cat(targets).float(), valid),
-                [k for k, v in zip(gather_objects(keys), ok) if v])
+        # dataset order whatever the number of ranks (each rank reads its own part)
+        index = torch.cat(indices) if indices and all(i is not None for i in indices) else None
+        return (gather_features(torch.cat(logits), valid, indices=index),
+                gather_features(torch.cat(targets).float(), valid, indices=index),
+                gather_objects(keys, valid, indices=index))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Accuracy (or mAP) on ``data.val`` (run by the engine every ``train.eval_every``)."""
@@ -433,6 +455,8 @@ def run_finetune_cls(cfg: Config, *, overwrite: bool = False, resume: str | None
               "chance": _chance(y, lab), "labels": lab.to_dict(), "train": summary}
     if get_rank() == 0:
         out = Path(cfg.run_dir) / "eval" / f"cls_{cfg.eval.split}.json"
+        result["scores"] = write_scores(out.with_name(f"{out.stem}_scores.pt"), keys, logits,
+                                        y if lab.multilabel else y.long(), lab)
         write_results(out, result, to_dict(cfg), ckpt)
         print(f"finetune-cls on {len(keys)} clips of '{cfg.eval.split}': "
               + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()) + f"\nresults: {out}")
@@ -446,6 +470,34 @@ def _chance(y: torch.Tensor, lab: LabelSpace) -> dict[str, float]:
         return {"mAP": float(pos[pos > 0].mean() * 100) if bool((pos > 0).any()) else 0.0}
     c = lab.num_classes
     return {"top1": 100.0 / c, f"top{min(5, c)}": 100.0 * min(5, c) / c}
+
+
+def write_scores(path: str | os.PathLike[str], keys: list[str], scores: torch.Tensor,
+                 targets: torch.Tensor, labels: LabelSpace) -> dict[str, str]:
+    """Per-sample class scores beside a results JSON, so every reported number can be
+    recomputed elsewhere (a test, a significance test between two runs, another metric).
+
+    The file is a ``torch.save`` dict: ``keys`` (sample keys, row order), ``scores`` [N, C]
+    (exactly the tensor the metrics were computed from), ``targets`` ([N] class indices, or
+    [N, C] multi-hot), ``classes`` and ``multilabel``.
+
+    Args:
+        path: the ``.pt`` file to write.
+        keys: sample keys.
+        scores: [N, C] class scores.
+        targets: the targets the metrics used.
+        labels: the label space.
+
+    Returns:
+        ``{"file": name, "sha256": digest}`` for the results JSON.
+    """
+    from megavid.eval.results import file_sha256
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"keys": list(keys), "scores": scores.detach().cpu(), "targets": targets.detach().cpu(),
+                "classes": list(labels.classes), "multilabel": labels.multilabel}, p)
+    return {"file": p.name, "sha256": file_sha256(p)}
 
 
 def zeroshot_classifier(model: nn.Module, task: VideoTextTask, classes: list[str],
@@ -496,6 +548,8 @@ def run_eval_zeroshot_cls(cfg: Config, *, overwrite: bool = False, resume: str |
               "templates": list(cfg.task.cls.templates) or None}
     if task.rank == 0:
         out = Path(cfg.run_dir) / "eval" / f"zeroshot_cls_{cfg.eval.split}.json"
+        result["scores"] = write_scores(out.with_name(f"{out.stem}_scores.pt"), enc.keys, logits,
+                                        y, labels)
         write_results(out, result, to_dict(cfg), ckpt)
         print(f"zero-shot classification on {len(enc.keys)} clips: "
               + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items())
@@ -505,7 +559,7 @@ def run_eval_zeroshot_cls(cfg: Config, *, overwrite: bool = False, resume: str |
 
 __all__: list[str] = [
     "ClassificationTask", "LabelSpace", "VideoClassifier", "build_label_space",
-    "evaluate_classifier", "get_field", "load_videolm", "read_class_file", "read_label_file",
+    "evaluate_classifier", "get_data_file", "get_field", "load_videolm", "read_class_file", "read_label_file",
     "read_split_meta", "resolve_eval_checkpoint", "run_eval_zeroshot_cls", "run_finetune_cls",
-    "zeroshot_classifier",
+    "write_scores", "zeroshot_classifier",
 ]

@@ -2,21 +2,38 @@
 retrieval (mAP and nDCG against a graded relevancy matrix) and EgoMCQ (one narration, five
 candidate clips; inter- and intra-video accuracy), zero-shot or with a finetuned VideoLM.
 
-Inputs, beside the shards of ``eval.split``:
+Inputs, as released (relative paths are looked up under ``data.root``, then the working
+directory; see ``configs/task/ek100_mir.yaml`` and ``configs/task/egomcq.yaml``):
 
-- ``task.cls.relevancy``: EK-100's ``caption_relevancy_*.pkl`` layout, a [videos, texts]
-  matrix; its rows follow the split's samples in shard order, its columns the queries of
-  ``task.cls.relevancy_texts`` (one per line, or a CSV with a ``narration`` column, as
-  ``EPIC_100_retrieval_test_sentence.csv``).
-- ``task.cls.egomcq``: a JSON list of ``{"query", "choices": [5 sample keys], "answer": index,
-  "type": "inter"|"intra"}`` (EgoVLP's ``egomcq.json`` converted to the split's keys).
+- EK-100 MIR (``epic-kitchens-100-annotations/retrieval_annotations/``):
+  ``task.cls.relevancy`` = ``relevancy/caption_relevancy_EPIC_100_retrieval_test.pkl`` (a pickled
+  float numpy array [videos, texts], 9668 x 3842), ``task.cls.relevancy_texts`` =
+  ``EPIC_100_retrieval_test_sentence.csv`` (``index,sentence``: the matrix's columns, in row
+  order), ``task.cls.relevancy_videos`` = ``EPIC_100_retrieval_test.csv`` (``narration_id``, ...,
+  ``start_timestamp``, ``stop_timestamp``, ``narration``: the matrix's rows, in row order). The
+  shards of ``eval.split`` are made from that same CSV (``megavid make-shards --format
+  epic_kitchens``: one sample per narration keyed by its ``narration_id``), and the rows are
+  matched to samples by key, so shard order does not matter. Without ``relevancy_videos`` the
+  rows must follow the split's samples in shard order.
+- EgoMCQ: ``task.cls.egomcq`` = EgoVLP's ``egomcq.json`` (``{question id: {"query": clip,
+  "choices": {"0".."4": clip}, "answer": int, "types": 1 (inter) | 2 (intra)}}``, a clip being an
+  EgoClip row: ``video_uid``, ``clip_start``, ``clip_end``, ``clip_text``, ...). Its clips become
+  shards through ``python -m megavid.tasks.egocentric egomcq-clips egomcq.json clips.jsonl`` then
+  ``megavid make-shards --format jsonl --annotations clips.jsonl --videos <ego4d full_scale>``:
+  each clip is a window of the full ``<video_uid>.mp4`` keyed ``make_key(video_uid, start, end)``,
+  which is how the questions find their clips. Our own list format is read too: ``[{"query",
+  "choices": [5 sample keys], "answer", "type": "inter"|"intra"}]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import io
 import json
 import pickle
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +45,23 @@ from megavid.config import Config, to_dict
 from megavid.errors import ConfigError, DataError
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds numpy arrays and nothing else: a pickle can name any callable, and an
+    evaluation input must never run code (EK-100's relevancy pkl is a pickled ndarray)."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a relevancy pickle")
+        return super().find_class(module, name)
+
+
 def load_relevancy(path: str | Path) -> torch.Tensor:
-    """A [videos, texts] relevancy matrix from ``.pkl`` (EK-100), ``.npy`` or ``.pt``.
+    """A [videos, texts] relevancy matrix from ``.pkl`` (EK-100's pickled ndarray), ``.npy`` or
+    ``.pt``.
 
     Args:
         path: the file.
@@ -38,13 +70,16 @@ def load_relevancy(path: str | Path) -> torch.Tensor:
     if not p.is_file():
         raise ConfigError(f"task.cls.relevancy={str(p)!r} does not exist; point it at EK-100's "
                           "caption_relevancy_*.pkl (or a .npy/.pt matrix)")
-    if p.suffix == ".pkl":
-        with open(p, "rb") as f:
-            obj = pickle.load(f)  # noqa: S301 - a file the user names, as EK-100's own code reads it
-    elif p.suffix == ".npy":
-        obj = np.load(p)
-    else:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        if p.suffix == ".pkl":
+            obj = _ArrayUnpickler(io.BytesIO(p.read_bytes())).load()
+        elif p.suffix == ".npy":
+            obj = np.load(p)
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise DataError(f"relevancy {p} is not a pickled matrix ({e}); give EK-100's "
+                        "caption_relevancy_*.pkl, a .npy or a .pt tensor") from e
     rel = torch.as_tensor(np.asarray(obj), dtype=torch.float64)
     if rel.ndim != 2:
         raise DataError(f"relevancy {p} has shape {tuple(rel.shape)}; expected [videos, texts]")
@@ -52,17 +87,50 @@ def load_relevancy(path: str | Path) -> torch.Tensor:
 
 
 def read_queries(path: str | Path) -> list[str]:
-    """Text queries: one per line, or a CSV's ``narration`` column (EK-100 sentence CSV)."""
+    """Text queries: a CSV's ``sentence`` column (EK-100's ``EPIC_100_retrieval_*_sentence.csv``,
+    ``index,sentence``) or ``narration`` column, or one query per line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"task.cls.relevancy_texts={str(p)!r} does not exist")
     text = p.read_text(encoding="utf-8-sig")
     if p.suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
-        if not rows or "narration" not in rows[0]:
-            raise DataError(f"{p} has no 'narration' column; give one query per line instead")
-        return [r["narration"] for r in rows]
+        col = next((c for c in ("sentence", "narration") if rows and c in rows[0]), None)
+        if col is None:
+            raise DataError(f"{p} has no 'sentence' (EK-100) or 'narration' column; fix the header "
+                            "or give one query per line in a .txt file")
+        return [r[col] for r in rows]
     return [line for line in text.splitlines() if line.strip()]
+
+
+def read_relevancy_rows(path: str | Path) -> list[str]:
+    """The sample keys of the relevancy matrix's rows: the ``narration_id`` column of EK-100's
+    ``EPIC_100_retrieval_test.csv``, read by make-shards' own ``epic_kitchens`` reader (which
+    keys the shards by the same id)."""
+    from megavid.data.annotations import read_annotations
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"task.cls.relevancy_videos={str(p)!r} does not exist; point it at "
+                          "EK-100's EPIC_100_retrieval_test.csv")
+    return [r.key for r in read_annotations(p, "epic_kitchens")]
+
+
+def align_rows(keys: list[str], row_keys: list[str]) -> torch.Tensor:
+    """Index of each matrix row's sample among ``keys`` (the split's feature rows).
+
+    Args:
+        keys: the split's sample keys.
+        row_keys: the key of each relevancy row.
+    """
+    index = {k: i for i, k in enumerate(keys)}
+    missing = [k for k in row_keys if k not in index]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(row_keys)} relevancy rows have no sample in the split "
+            f"(e.g. {', '.join(missing[:3])}); make the split's shards from the same CSV "
+            "(make-shards --format epic_kitchens) and check make-shards' failures")
+    return torch.tensor([index[k] for k in row_keys], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -91,26 +159,93 @@ def ek100_mir(video_feat: torch.Tensor, text_feat: torch.Tensor, relevancy_VT: t
         raise DataError(
             f"relevancy matrix is {tuple(relevancy_VT.shape)} but the split has "
             f"{video_feat.shape[0]} videos and {text_feat.shape[0]} queries; the rows must follow "
-            "the split's samples and the columns task.cls.relevancy_texts")
+            "the split's samples (or name them: task.cls.relevancy_videos) and the columns "
+            "task.cls.relevancy_texts")
     sim = text_feat.double() @ video_feat.double().T
     return ek100_mir_metrics(sim, relevancy_VT.T)
 
 
+# EgoClip narrations start with a "#C" / "#O" marker; make-shards' egoclip reader drops it from
+# the captions a model trains on, so the questions drop it as well
+_NARRATION_MARKER = re.compile(r"^\s*#\w+\s*")
+
+
+def egomcq_clip_key(clip: dict[str, Any]) -> str:
+    """The shard key of an EgoMCQ clip (a window of ``<video_uid>``): make-shards' key of the
+    same window, so a question finds the sample made from its clip."""
+    from megavid.data.make_shards import make_key
+
+    return make_key(str(clip["video_uid"]), float(clip["clip_start"]), float(clip["clip_end"]))
+
+
+def _released_egomcq(data: dict[str, Any], p: Path) -> list[dict[str, Any]]:
+    """EgoVLP's ``{qid: {"query", "choices": {"0": clip, ...}, "answer", "types"}}`` -> items."""
+    items = []
+    for qid in sorted(data, key=lambda q: (len(q), q)):  # "0", "1", ..., "10": numeric order
+        q = data[qid]
+        try:
+            choices = [q["choices"][c] for c in sorted(q["choices"], key=lambda c: (len(c), c))]
+            items.append({
+                "id": qid,
+                "query": _NARRATION_MARKER.sub("", str(q["query"]["clip_text"])),
+                "choices": [egomcq_clip_key(c) for c in choices],
+                "answer": int(q["answer"]),
+                "type": int(q["types"]),
+            })
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{p}: question {qid!r} is not in EgoVLP's egomcq.json layout "
+                            f"({type(e).__name__}: {e}); see megavid.tasks.egocentric") from e
+    return items
+
+
 def load_egomcq(path: str | Path) -> list[dict[str, Any]]:
-    """EgoMCQ items ({"query", "choices", "answer", "type"}), checked."""
+    """EgoMCQ items ``{"query", "choices": [sample keys], "answer", "type"}``, checked; reads
+    EgoVLP's released ``egomcq.json`` (choices become shard keys) or our list format.
+
+    Args:
+        path: the file.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"task.cls.egomcq={str(p)!r} does not exist")
     try:
-        items = json.loads(p.read_text())
+        data = json.loads(p.read_text())
     except ValueError as e:
         raise DataError(f"{p} is not valid JSON ({e})") from e
-    if not isinstance(items, list) or not items:
-        raise DataError(f"{p} must hold a non-empty JSON list of questions")
-    for i, it in enumerate(items):
+    if isinstance(data, dict) and data:
+        return _released_egomcq(data, p)
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{p} must hold EgoVLP's egomcq.json mapping or a non-empty JSON list of "
+                        "questions")
+    for i, it in enumerate(data):
         if not isinstance(it, dict) or not {"query", "choices", "answer", "type"} <= set(it):
             raise DataError(f"{p}[{i}] needs 'query', 'choices', 'answer' and 'type'")
-    return items
+    return data
+
+
+def egomcq_clip_annotations(path: str | Path) -> list[dict[str, Any]]:
+    """The distinct clips of a released ``egomcq.json`` as make-shards ``jsonl`` records
+    (``video``, ``start``, ``end``, ``key``, ``caption``), in first-use order.
+
+    Args:
+        path: EgoVLP's ``egomcq.json``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p} does not exist; give EgoVLP's egomcq.json")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict):
+        raise DataError(f"{p} is not EgoVLP's egomcq.json (a mapping of question ids)")
+    load_egomcq(p)  # the same layout checks as evaluation
+    out: dict[str, dict[str, Any]] = {}
+    for qid in sorted(data, key=lambda q: (len(q), q)):
+        for c in data[qid]["choices"].values():
+            key = egomcq_clip_key(c)
+            out.setdefault(key, {"video": str(c["video_uid"]), "start": float(c["clip_start"]),
+                                 "end": float(c["clip_end"]), "key": key,
+                                 "caption": _NARRATION_MARKER.sub("", str(c.get("clip_text", "")))
+                                 or "a clip"})
+    return list(out.values())
 
 
 def egomcq(video_feat: torch.Tensor, keys: list[str], text_feat: torch.Tensor,
@@ -150,7 +285,9 @@ def run_eval_egocentric(cfg: Config, *, overwrite: bool = False, resume: str | N
     """
     from megavid.eval.results import write_results
     from megavid.tasks.base import VideoTextTask
-    from megavid.tasks.classification import _setup, load_videolm, resolve_eval_checkpoint
+    from megavid.tasks.classification import (
+        _setup, get_data_file, load_videolm, resolve_eval_checkpoint,
+    )
     from megavid.tasks.features import get_split_features
 
     c = cfg.task.cls
@@ -159,6 +296,14 @@ def run_eval_egocentric(cfg: Config, *, overwrite: bool = False, resume: str | N
                           "EK-100 MIR and/or task.cls.egomcq for EgoMCQ")
     if c.relevancy and not c.relevancy_texts:
         raise ConfigError("task.cls.relevancy needs task.cls.relevancy_texts (the query sentences)")
+    # the benchmark files are read first: a wrong path fails before any video is decoded
+    if c.relevancy:
+        queries = read_queries(get_data_file(cfg, c.relevancy_texts, "task.cls.relevancy_texts"))
+        relevancy = load_relevancy(get_data_file(cfg, c.relevancy, "task.cls.relevancy"))
+        rows = (read_relevancy_rows(get_data_file(cfg, c.relevancy_videos, "task.cls.relevancy_videos"))
+                if c.relevancy_videos else None)
+    if c.egomcq:
+        items = load_egomcq(get_data_file(cfg, c.egomcq, "task.cls.egomcq"))
     ckpt = resolve_eval_checkpoint(cfg, resume)
     task = VideoTextTask(cfg)
     _setup(task)
@@ -166,11 +311,9 @@ def run_eval_egocentric(cfg: Config, *, overwrite: bool = False, resume: str | N
     feats = get_split_features(cfg, task, model, cfg.eval.split, ckpt, cache=not overwrite)
     result: dict[str, Any] = {"split": cfg.eval.split, "num_samples": len(feats["keys"])}
     if c.relevancy:
-        queries = read_queries(c.relevancy_texts)
-        result["ek100_mir"] = ek100_mir(feats["video"], encode_texts(model, task, queries),
-                                        load_relevancy(c.relevancy))
+        video = feats["video"] if rows is None else feats["video"][align_rows(feats["keys"], rows)]
+        result["ek100_mir"] = ek100_mir(video, encode_texts(model, task, queries), relevancy)
     if c.egomcq:
-        items = load_egomcq(c.egomcq)
         result["egomcq"] = egomcq(feats["video"], feats["keys"],
                                   encode_texts(model, task, [it["query"] for it in items]), items)
         result["egomcq"]["chance"] = 100.0 / len(items[0]["choices"])
@@ -184,5 +327,31 @@ def run_eval_egocentric(cfg: Config, *, overwrite: bool = False, resume: str | N
     return result
 
 
-__all__ = ["egomcq", "ek100_mir", "encode_texts", "load_egomcq", "load_relevancy", "read_queries",
-           "run_eval_egocentric"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megavid.tasks.egocentric egomcq-clips EGOMCQ_JSON OUT_JSONL``: the clips of
+    EgoVLP's egomcq.json as a make-shards annotation (then ``megavid make-shards --format jsonl
+    --annotations OUT_JSONL --videos <folder of <video_uid>.mp4> --out <root>/shards/egomcq``)."""
+    ap = argparse.ArgumentParser(prog="python -m megavid.tasks.egocentric",
+                                 description="turn released egocentric benchmark files into make-shards inputs")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("egomcq-clips", help="egomcq.json -> make-shards jsonl of its clips")
+    p.add_argument("egomcq", help="EgoVLP's egomcq.json")
+    p.add_argument("out", help="the jsonl to write")
+    args = ap.parse_args(argv)
+    try:
+        clips = egomcq_clip_annotations(args.egomcq)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text("".join(json.dumps(c, sort_keys=True) + "\n" for c in clips))
+    print(f"{len(clips)} clips -> {args.out}")
+    return 0
+
+
+__all__ = ["align_rows", "egomcq", "egomcq_clip_annotations", "egomcq_clip_key", "ek100_mir",
+           "encode_texts", "load_egomcq", "load_relevancy", "main", "read_queries",
+           "read_relevancy_rows", "run_eval_egocentric"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -51,7 +51,7 @@ def extract_split_features(model: nn.Module, loader: Any, task: Any) -> dict[str
 
     model.eval()
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURE_NAMES}
-    keys, metas, caps, valids = [], [], [], []
+    keys, metas, caps, valids, indices = [], [], [], [], []
     for batch in loader:
         b = task.to_device(batch)
         # encode_video = vision_proj(pooled) normalised: one tower pass gives both features
@@ -63,11 +63,15 @@ def extract_split_features(model: nn.Module, loader: Any, task: Any) -> dict[str
         metas += batch["meta"]
         caps += batch["captions"]
         valids.append(batch.get("valid", torch.ones(len(batch["keys"]), dtype=torch.bool)))
+        indices.append(batch.get("indices"))
     valid = torch.cat(valids)
-    ok = gather_objects(valid.tolist())
-    out: dict[str, Any] = {k: gather_features(torch.cat(v), valid) for k, v in feats.items()}
+    # each rank reads its own part of the split (not a contiguous block): the samples' dataset
+    # indices put the gathered rows back in dataset order, as one process would give them
+    index = torch.cat(indices) if indices and all(i is not None for i in indices) else None
+    out: dict[str, Any] = {k: gather_features(torch.cat(v), valid, indices=index)
+                           for k, v in feats.items()}
     for name, objs in (("keys", keys), ("meta", metas), ("captions", caps)):
-        out[name] = [o for o, v in zip(gather_objects(objs), ok) if v]
+        out[name] = gather_objects(objs, valid, indices=index)
     return out
 
 
@@ -136,9 +140,10 @@ def load_features(folder: str | Path) -> dict[str, Any]:
 def _cache_signature(cfg: Config, split: str) -> dict[str, Any]:
     """What the features of a split depend on besides the weights."""
     from megavid.data.loader import get_split_spec
+    from megavid.tasks.base import get_eval_num_frames  # clips come from build_eval_loader
 
     return {"split": split, "shards": str(get_split_spec(cfg.data, split)), "root": cfg.data.root,
-            "num_frames": cfg.data.num_frames, "img_size": cfg.data.img_size,
+            "num_frames": get_eval_num_frames(cfg), "img_size": cfg.data.img_size,
             "max_text_len": cfg.data.max_text_len, "tokenizer": cfg.data.tokenizer}
 
 

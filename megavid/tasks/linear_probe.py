@@ -29,7 +29,9 @@ def probe_features(train: dict[str, Any], val: dict[str, Any], test: dict[str, A
         max_iter: L-BFGS iterations per fit.
 
     Returns:
-        {"metrics", "val_metrics", "weight_decay", "sweep", "num_train", "num_val", "num_test"}.
+        {"metrics", "val_metrics", "weight_decay", "sweep", "num_train", "num_val", "num_test",
+        "test_scores" ([N, C] float64 scores of ``test``, for the scores file),
+        "test_targets"}.
     """
     from megavid.eval import linear_probe
 
@@ -39,6 +41,7 @@ def probe_features(train: dict[str, Any], val: dict[str, Any], test: dict[str, A
                          num_classes=labels.num_classes, max_iter=max_iter)
     return {
         "metrics": probe.score(test[FEATURE], y["test"]),
+        "test_scores": probe.logits(test[FEATURE]), "test_targets": y["test"],
         "val_metrics": probe.score(val[FEATURE], y["val"]),
         "weight_decay": probe.weight_decay,
         "sweep": {str(k): v for k, v in probe.sweep.items()},
@@ -59,7 +62,7 @@ def run_linear_probe(cfg: Config, *, overwrite: bool = False, resume: str | None
     from megavid.eval.results import write_results
     from megavid.tasks.base import VideoTextTask
     from megavid.tasks.classification import (
-        _chance, _setup, build_label_space, load_videolm, resolve_eval_checkpoint,
+        _chance, _setup, build_label_space, load_videolm, resolve_eval_checkpoint, write_scores,
     )
     from megavid.tasks.features import get_split_features
 
@@ -80,10 +83,13 @@ def run_linear_probe(cfg: Config, *, overwrite: bool = False, resume: str | None
              for name in splits}
     result = probe_features(feats["train"], feats["val"], feats["test"], labels,
                             weight_decays=list(c.probe_weight_decays), max_iter=c.probe_max_iter)
+    scores, targets = result.pop("test_scores"), result.pop("test_targets")
     result.update({"split": cfg.eval.split, "feature": FEATURE, "labels": labels.to_dict(),
-                   "chance": _chance(labels.targets(feats["test"]["meta"]), labels)})
+                   "chance": _chance(targets, labels)})
     if task.rank == 0:
         out = Path(cfg.run_dir) / "eval" / f"linear_probe_{cfg.eval.split}.json"
+        result["scores"] = write_scores(out.with_name(f"{out.stem}_scores.pt"), feats["test"]["keys"],
+                                        scores, targets, labels)
         write_results(out, result, to_dict(cfg), ckpt)
         m = result["metrics"]
         print(f"linear probe ({'random init' if ckpt is None else ckpt}) on {result['num_test']} "

@@ -44,7 +44,6 @@ def test_multilabel_probe_matches_per_class_sklearn():
         np.testing.assert_allclose(probe.bias[c].item(), ref.intercept_[0], atol=1e-5)
 
 
-@pytest.mark.slow  # three L-BFGS fits: ~2 s on a free core, up to ~10 s on a loaded CI box
 def test_sweep_picks_a_weak_penalty_on_separable_data_and_scores_held_out():
     feat, labels = _blobs(300, 8, 4, seed=2, sep=1.0)
     tr, va, te = slice(0, 150), slice(150, 225), slice(225, 300)
@@ -68,3 +67,32 @@ def test_probe_input_errors():
     bad[0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN"):
         fit_linear_classifier(bad, labels, weight_decay=0.1)
+
+
+def test_small_fits_run_on_one_thread_and_restore_the_setting(monkeypatch):
+    """A small probe runs its L-BFGS closure on one intra-op thread (tiny ops; threads only
+    add synchronisation) and leaves the process's thread count as it found it."""
+    import importlib
+
+    lp = importlib.import_module("megavid.eval.linear_probe")  # the package exports a function of that name
+
+    seen: list[int] = []
+    real = torch.nn.functional.cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lp.F, "cross_entropy", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        feat, labels = _blobs(40, 4, 2, seed=4)
+        fit_linear_classifier(feat, labels, weight_decay=0.1, max_iter=5)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(lp, "SINGLE_THREAD_MACS", 1)  # every problem counts as large
+        fit_linear_classifier(feat, labels, weight_decay=0.1, max_iter=5)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
