@@ -234,9 +234,9 @@ class DataConfig:
     the loader state is the step count (exact resume). ``__len__`` is a nominal epoch."""
     dali_trim_gops: bool = False
     """DALI video loader: hand ``fn.decoders.video`` only the GOPs that hold the sampled frames
-    (stream copy, same frames), since it decodes every frame up to the last one asked for;
-    ~2-3x faster per sample on the CPU decoder with ``make-shards --gop 8`` shards
-    (bench/loader_gpu.py), at a few ms of Python per sample."""
+    (stream copy, same frames), since it decodes every frame up to the last one asked for.
+    For ``make-shards --gop 8`` shards: 1.8x clips/s on DALI's CPU decoder (bench/loader_gpu.py),
+    at ~10 ms of Python per sample; slower on shards with few keyframes."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
