@@ -68,6 +68,13 @@ class VideoEncoderConfig:
     )
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
+    rgb_diff: bool = False
+    """Append the frame differences x[t] - x[t-1] (zero for the first frame) to each frame as
+    ``in_chans`` extra input channels (TSN's "RGB difference"). A TimeSformer trained from
+    scratch only sees motion once its temporal attention has learnt to compare frames, which
+    a small model on a short budget never gets to (the synthetic demo's direction stayed at
+    chance, even as a supervised 4-way label); with the differences it reads direction off
+    single tokens. Imported RGB weights get zero weights for these channels."""
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:

@@ -7,9 +7,12 @@ any single frame has the same distribution for every direction: only motion tell
 direction apart. Captions are paraphrases built from the attributes; QA pairs ask the colour,
 the shape and the direction.
 
-Test clips come in groups of 4 that share colour, shape, speed (and size, background, start)
-and differ only in direction, so that a "temporal check" can retrieve among clips that
-differ only in motion; every test clip's first caption is distinct.
+Clips come in groups of 4 consecutive indices that share colour, shape, speed (and size,
+background, start position) and differ only in direction. In the test split this gives the
+"temporal check" (retrieval among clips that differ only in motion) and every test clip's
+first caption is distinct; in the train split, ``data.shuffle_block=4`` keeps a group together
+in the shuffled order so that every batch holds direction-only hard negatives (without them a
+contrastive loss is satisfied by colour and shape alone and never has to look at motion).
 
 Everything derives from ``(seed, split, clip index)``: the same config gives byte-identical
 videos (encoders run single-threaded, container written bitexact) whatever the number of
@@ -117,24 +120,26 @@ def _clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def clip_params(cfg_seed: int, split: str, index: int, num_test: int = 0) -> dict[str, Any]:
     """The random parameters of clip ``index`` of ``split`` (pure function of its arguments).
 
-    Test clips: index = 4 * group + direction number; the group picks a distinct
-    (colour, shape, speed) from a seeded permutation, and the size, background and start
-    position are drawn per group so the 4 clips differ only in motion.
+    Every split: index = 4 * group + member; the 4 members of a group share everything drawn
+    from the group's RNG (size, background, start position, and outside the test split colour,
+    shape and speed) and differ only in direction. Test groups take a distinct
+    (colour, shape, speed) from a seeded permutation, in direction order; train/val groups
+    draw them at random, and the directions in a seeded order (so a clip's position in its
+    group says nothing about its direction).
     """
     colours = list(COLOURS)
+    group, d = divmod(index, 4)
+    rng = _clip_rng(cfg_seed, split, group)
     if split == "test":
-        group, d = divmod(index, 4)
         combos = [(c, s, v) for c in colours for s in SHAPES for v in SPEEDS]
         order = np.random.default_rng([cfg_seed, _SPLIT_ID[split], 1 << 20]).permutation(len(combos))
         colour, shape, speed = combos[int(order[group])]
         direction = DIRECTIONS[d]
-        rng = _clip_rng(cfg_seed, split, group)
     else:
-        rng = _clip_rng(cfg_seed, split, index)
         colour = colours[int(rng.integers(len(colours)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
         speed = SPEEDS[int(rng.integers(len(SPEEDS)))]
+        direction = DIRECTIONS[int(rng.permutation(len(DIRECTIONS))[d])]
     return {
         "colour": colour,
         "shape": shape,
@@ -285,8 +290,7 @@ def _make_one(job: tuple[int, str, int, int, int, int, str]) -> tuple[str, bytes
         "attributes": attrs,
         "render": {k: params[k] for k in ("radius_frac", "background", "y0", "x0")},
     }
-    if split == "test":
-        meta["group"] = index // 4
+    meta["group"] = index // 4
     return key, video, meta
 
 

@@ -189,6 +189,8 @@ class TimeSformer(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over blocks up to this rate.
         layer_norm_eps: LayerNorm epsilon.
         attn_impl: "sdpa" or "math".
+        rgb_diff: also feed the frame differences x[t] - x[t-1] as ``in_chans`` extra input
+            channels (:func:`add_rgb_diff`; TSN's RGB difference), a motion cue from step one.
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class TimeSformer(nn.Module):
         drop_path_rate: float = 0.0,
         layer_norm_eps: float = 1e-6,
         attn_impl: str = "sdpa",
+        rgb_diff: bool = False,
     ) -> None:
         super().__init__()
         if attention_type not in ATTENTION_TYPES:
@@ -217,7 +220,8 @@ class TimeSformer(nn.Module):
         self.depth = depth
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.rgb_diff = rgb_diff
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans * (2 if rgb_diff else 1), embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
@@ -257,6 +261,8 @@ class TimeSformer(nn.Module):
     def forward_features(self, x_BTCHW: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: [B, 1 + N*T, D], cls first, patch-major."""
         B, T = x_BTCHW.shape[:2]
+        if self.rgb_diff:
+            x_BTCHW = add_rgb_diff(x_BTCHW)
         x = self.patch_embed(x_BTCHW)  # [B*T, N, D]
         N, D = x.shape[1], x.shape[2]
         pos = self.pos_embed
@@ -387,6 +393,13 @@ def _convert_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def add_rgb_diff(x_BTCHW: torch.Tensor) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, T, 2C, H, W]: each frame followed by its difference from the
+    previous frame (zeros for the first), TSN's "RGB difference" as extra channels."""
+    diff = torch.cat((torch.zeros_like(x_BTCHW[:, :1]), x_BTCHW[:, 1:] - x_BTCHW[:, :-1]), dim=1)
+    return torch.cat((x_BTCHW, diff), dim=2)
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: TimeSformer) -> dict[str, torch.Tensor]:
     """Convert a video or image checkpoint to this model's keys and sizes.
 
@@ -431,6 +444,12 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TimeSformer) -> dict
     if "time_embed" not in target:
         sd.pop("time_embed", None)
 
+    w = sd.get("patch_embed.proj.weight")
+    if (model.rgb_diff and w is not None and w.ndim == 4
+            and 2 * w.shape[1] == target["patch_embed.proj.weight"].shape[1]):
+        # an RGB checkpoint into an rgb_diff model: zero weights on the difference channels,
+        # so the imported model starts as the RGB one
+        sd["patch_embed.proj.weight"] = torch.cat((w, torch.zeros_like(w)), dim=1)
     if "pos_embed" in sd and sd["pos_embed"].ndim == 3 and sd["pos_embed"].shape[-1] == model.embed_dim:
         grid = model.patch_embed.grid
         if sd["pos_embed"].shape[1] != grid * grid + 1:
@@ -478,7 +497,7 @@ def build_timesformer(video_cfg: Any, attn_impl: str = "sdpa") -> TimeSformer:
         in_chans=video_cfg.in_chans, embed_dim=video_cfg.embed_dim, depth=video_cfg.depth,
         num_heads=video_cfg.num_heads, mlp_ratio=video_cfg.mlp_ratio, qkv_bias=video_cfg.qkv_bias,
         attention_type=video_cfg.attention_type, drop_path_rate=video_cfg.drop_path_rate,
-        layer_norm_eps=video_cfg.layer_norm_eps, attn_impl=attn_impl,
+        layer_norm_eps=video_cfg.layer_norm_eps, attn_impl=attn_impl, rgb_diff=video_cfg.rgb_diff,
     )
 
 

@@ -116,3 +116,29 @@ def test_every_variant_forward_backward(name: str) -> None:
 def test_unknown_variant_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="timesformer_tiny_test"):
         create_timesformer("timesformer_huge")
+
+
+def test_rgb_diff_channels_are_frame_differences_and_rgb_imports_unchanged() -> None:
+    """model.video.rgb_diff: (1) an RGB checkpoint (transformers' TimesformerModel) loaded into
+    an rgb_diff model gives transformers' outputs (zero weights on the difference channels);
+    (2) with the RGB weights zeroed instead, the model equals a plain model fed the frame
+    differences computed here by hand (x[t] - x[t-1], zeros for the first frame)."""
+    hf, _ = _hf_pair("divided_space_time")
+    diff_model = TimeSformer(img_size=32, patch_size=8, num_frames=3, embed_dim=64, depth=2,
+                             num_heads=4, rgb_diff=True).eval()
+    report = load_video_into(diff_model, hf.state_dict())
+    assert not report.missing and not report.unexpected
+    assert diff_model.patch_embed.proj.weight.shape[1] == 6
+    x = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(diff_model(x)[0], hf(x).last_hidden_state, atol=1e-4, rtol=1e-4)
+
+    plain = TimeSformer(img_size=32, patch_size=8, num_frames=3, embed_dim=64, depth=2, num_heads=4).eval()
+    sd = {k: v.clone() for k, v in diff_model.state_dict().items()}
+    w = torch.randn_like(sd["patch_embed.proj.weight"][:, 3:])
+    sd["patch_embed.proj.weight"] = torch.cat((torch.zeros_like(w), w), dim=1)
+    diff_model.load_state_dict(sd)
+    plain.load_state_dict({**sd, "patch_embed.proj.weight": w})
+    by_hand = torch.stack([torch.zeros_like(x[:, 0])] + [x[:, t] - x[:, t - 1] for t in range(1, 3)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(diff_model(x)[0], plain(by_hand)[0], atol=1e-5, rtol=1e-5)
