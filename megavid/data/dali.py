@@ -237,17 +237,12 @@ def get_dali_device(codec: str, requested: str = "auto") -> str:
     Raises:
         DataError: DALI is missing, or the codec cannot be decoded on the requested device.
     """
-    if not dali_available():
-        raise DataError("data.backend=dali needs nvidia-dali: pip install 'megavid[dali]', "
-                        "or set data.backend=pyav")
-    device = requested
-    if device == "auto":
-        device = "mixed" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "mixed"):
-        raise ConfigError(f"DALI device {requested!r} must be 'auto', 'cpu' or 'mixed'")
-    if device == "mixed" and not torch.cuda.is_available():
-        raise DataError("DALI mixed (GPU) decoding needs a CUDA GPU; none is visible "
-                        "(check CUDA_VISIBLE_DEVICES) or use data.backend=pyav")
+    device = _resolve_device(
+        requested,
+        missing="data.backend=dali needs nvidia-dali: pip install 'megavid[dali]', or set "
+                "data.backend=pyav",
+        no_gpu="DALI mixed (GPU) decoding needs a CUDA GPU; none is visible (check "
+               "CUDA_VISIBLE_DEVICES) or use data.backend=pyav")
     codec = codec.lower()
     if device == "cpu" and codec not in CPU_CODECS:
         raise DataError(
@@ -973,17 +968,25 @@ def get_image_decoder_device(requested: str = "auto", what: str = "images") -> s
     Raises:
         DataError: DALI is missing, or 'mixed' without a GPU.
     """
+    return _resolve_device(
+        requested,
+        missing=f"{what} need nvidia-dali for data.backend=dali: pip install 'megavid[dali]'",
+        no_gpu="DALI mixed (GPU) JPEG decoding needs a CUDA GPU; none is visible (check "
+               "CUDA_VISIBLE_DEVICES) or use device='cpu'")
+
+
+def _resolve_device(requested: str, *, missing: str, no_gpu: str) -> str:
+    """'auto' -> 'mixed' with a CUDA GPU, else 'cpu'; ``missing`` / ``no_gpu`` are the
+    messages (problem and fix) when DALI is not installed / 'mixed' has no GPU."""
     if not dali_available():
-        raise DataError(f"{what} need nvidia-dali for data.backend=dali: pip install "
-                        "'megavid[dali]'")
+        raise DataError(missing)
     device = requested
     if device == "auto":
         device = "mixed" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "mixed"):
         raise ConfigError(f"DALI device {requested!r} must be 'auto', 'cpu' or 'mixed'")
     if device == "mixed" and not torch.cuda.is_available():
-        raise DataError("DALI mixed (GPU) JPEG decoding needs a CUDA GPU; none is visible "
-                        "(check CUDA_VISIBLE_DEVICES) or use device='cpu'")
+        raise DataError(no_gpu)
     return device
 
 
