@@ -54,7 +54,7 @@ def encode_split(model: nn.Module, loader, task, *, keep_tokens: bool = False,
 
     model.eval()
     store = task.device if on_device else torch.device("cpu")
-    vf, tf, toks, hids, masks, keys, metas, valids = [], [], [], [], [], [], [], []
+    vf, tf, toks, hids, masks, keys, metas, valids, indices = [], [], [], [], [], [], [], [], []
     for batch in loader:
         b = task.to_device(batch)
         tokens, v = model.encode_video(b["video"])
@@ -69,17 +69,21 @@ def encode_split(model: nn.Module, loader, task, *, keep_tokens: bool = False,
         keys += batch["keys"]
         metas += batch["meta"]
         valids.append(batch.get("valid", torch.ones(len(batch["keys"]), dtype=torch.bool)))
+        indices.append(batch.get("indices"))
     valid = torch.cat(valids).to(store)
+    # the batches' dataset indices put the gathered rows in dataset order (as one process
+    # would have them), not rank by rank
+    index = torch.cat(indices) if indices and all(i is not None for i in indices) else None
     out = EncodedSplit(
-        video_feat=gather_features(torch.cat(vf), valid),
-        text_feat=gather_features(torch.cat(tf), valid),
-        keys=gather_objects(keys, valid),
-        meta=gather_objects(metas, valid),
+        video_feat=gather_features(torch.cat(vf), valid, indices=index),
+        text_feat=gather_features(torch.cat(tf), valid, indices=index),
+        keys=gather_objects(keys, valid, indices=index),
+        meta=gather_objects(metas, valid, indices=index),
     )
     if keep_tokens:
-        out.video_tokens = gather_features(torch.cat(toks), valid)
-        out.text_hidden = gather_features(torch.cat(hids), valid)
-        out.text_mask = gather_features(torch.cat(masks), valid)
+        out.video_tokens = gather_features(torch.cat(toks), valid, indices=index)
+        out.text_hidden = gather_features(torch.cat(hids), valid, indices=index)
+        out.text_mask = gather_features(torch.cat(masks), valid, indices=index)
     return out
 
 
