@@ -169,8 +169,13 @@ def get_frame_counts(cfg: Config) -> dict[str, int]:
     return {"train": cfg.model.video.num_frames, "eval": get_eval_num_frames(cfg)}
 
 
+# Task heads a finetuning run adds on top of a pretrained VideoLM: absent from pretraining
+# checkpoints, so initialising from one leaves them at their fresh init (and says so).
+NEW_HEAD_PREFIXES = ("qa_head.",)
+
+
 def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
-                       resize_time: bool = False) -> None:
+                       resize_time: bool = False, new_heads: tuple[str, ...] = ()) -> None:
     """Loads a megavid checkpoint or exported fp32 state dict into ``model`` (strict).
 
     The time embedding of a checkpoint trained at another clip length is either resized once
@@ -184,6 +189,8 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
         path: checkpoint folder, run directory or exported file.
         cfg: the resolved job config.
         resize_time: resize a time embedding of another length instead of raising.
+        new_heads: key prefixes of task heads the checkpoint may lack (kept at their init);
+            every other missing or unexpected key is an error.
     """
     from megavid.engine.checkpoint import load_model_state
     from megavid.models.timesformer import resize_time_embed
@@ -205,6 +212,12 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
         log.info("%s: %s resized from %d to %d frames (model.video.num_frames)",
                  path, key, t.shape[1], frames)
         state = {**state, key: resize_time_embed(t, frames)}
+    missing = [k for k in model.state_dict() if k not in state]
+    fresh = [k for k in missing if k.startswith(new_heads)] if new_heads else []
+    if fresh and len(fresh) == len(missing):
+        log.info("%s has no %s: initialised fresh for this task", path,
+                 ", ".join(sorted({k.split(".")[0] for k in fresh})))
+        state = {**state, **{k: v for k, v in model.state_dict().items() if k in fresh}}
     model.load_state_dict(state, strict=True)
 
 
@@ -216,7 +229,7 @@ def load_initial_weights(model: nn.Module, cfg: Config) -> None:
     from megavid.models import weights as W
 
     if mc.weights:
-        load_model_weights(model, mc.weights, cfg, resize_time=True)
+        load_model_weights(model, mc.weights, cfg, resize_time=True, new_heads=NEW_HEAD_PREFIXES)
         log.info("loaded model weights from %s", mc.weights)
     if mc.text_weights:
         W.load_bert_into(model.text_encoder, mc.text_weights)
