@@ -207,16 +207,8 @@ def check_dali(device: str, codec: str) -> CheckResult:
         inputs = ([np.frombuffer(video, np.uint8)], [np.array(frames, np.int32)],
                   [np.zeros(2, np.float32)], [np.full(2, 32.0, np.float32)],
                   [np.array(0, np.int32)])
-        done: list[int] = []
-
-        def source(info):
-            if done:
-                raise StopIteration
-            done.append(1)
-            return inputs
-
-        pipe = dali.build_video_pipeline(source, batch_size=1, img_size=32, device=device,
-                                         prefetch=1)
+        pipe = dali.build_video_pipeline(dali.one_batch_source(inputs), batch_size=1, img_size=32,
+                                         device=device, prefetch=1)
         (out,) = pipe.run()
         got = dali.dali_to_torch(out).cpu().numpy()[0].transpose(0, 2, 3, 1)  # T, H, W, C
         err = float(np.abs(got.astype(float) - _reference(video, frames)).mean())
@@ -244,16 +236,8 @@ def check_dali_frames(device: str) -> CheckResult:
         jpegs = [encode_jpeg(f) for f in _test_frames(3)]
         inputs = ([np.frombuffer(j, np.uint8) for j in jpegs], [np.zeros(2, np.float32)] * 3,
                   [np.full(2, 32.0, np.float32)] * 3, [np.array(0, np.int32)] * 3)
-        done: list[int] = []
-
-        def source(info):
-            if done:
-                raise StopIteration
-            done.append(1)
-            return inputs
-
-        pipe = dali.build_frames_pipeline(source, batch_size=3, img_size=32, device=device,
-                                          prefetch=1)
+        pipe = dali.build_frames_pipeline(dali.one_batch_source(inputs), batch_size=3, img_size=32,
+                                          device=device, prefetch=1)
         (out,) = pipe.run()
         got = dali.dali_to_torch(out).cpu().numpy().transpose(0, 2, 3, 1)  # N, H, W, C
         ref = np.stack([decode_jpeg(j) for j in jpegs])

@@ -814,16 +814,9 @@ class DaliLoader(VideoTextLoader):
     def _decode_alone(self, p: _Prepared, j: int) -> str | None:
         """Decode sample ``j`` of a prepared batch in a 1-sample pipeline of the same kind;
         None if it decodes, else DALI's message."""
-        done: list[int] = []
-
-        def source(info):
-            if done:
-                raise StopIteration
-            done.append(1)
-            return p.dali_inputs(slice(j, j + 1))
-
         try:
-            pipe = self._build_pipeline(source, batch_size=1, num_threads=1, prefetch=1)
+            pipe = self._build_pipeline(one_batch_source(p.dali_inputs(slice(j, j + 1))),
+                                        batch_size=1, num_threads=1, prefetch=1)
             pipe.run()
         except Exception as e:  # noqa: BLE001 - DALI reports decode failures as RuntimeError
             return _first_error_line(e)
@@ -973,6 +966,20 @@ def get_image_decoder_device(requested: str = "auto", what: str = "images") -> s
         missing=f"{what} need nvidia-dali for data.backend=dali: pip install 'megavid[dali]'",
         no_gpu="DALI mixed (GPU) JPEG decoding needs a CUDA GPU; none is visible (check "
                "CUDA_VISIBLE_DEVICES) or use device='cpu'")
+
+
+def one_batch_source(inputs: tuple) -> Callable[[Any], tuple]:
+    """An external source for a pipeline that yields ``inputs`` (one batch) once, then stops
+    (one-sample fault isolation, the decode checks of ``megavid info``)."""
+    done: list[int] = []
+
+    def source(info):
+        if done:
+            raise StopIteration
+        done.append(1)
+        return inputs
+
+    return source
 
 
 def _resolve_device(requested: str, *, missing: str, no_gpu: str) -> str:
