@@ -230,6 +230,11 @@ class DataConfig:
     random_flip: bool = False
     """Horizontal flip in training (caption-aware: clips whose caption says left/right are
     not flipped)."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Training random resized crop: the range of the crop's area as a fraction of the frame
+    (torchvision's ``scale``; aspect ratio 3/4-4/3). ``[1.0, 1.0]`` keeps the whole frame, for
+    data where the subject can be anywhere (the synthetic shapes: a smaller crop often leaves
+    the shape out, and the caption no longer describes the clip)."""
     image_train: str = ""
     """Image shards ({key}.jpg|.png + {key}.json, images as 1-frame clips) mixed into every
     train batch (TESTA's --sep_img): a folder, glob or split name like ``train``."""
@@ -247,6 +252,11 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
+        lo, hi = (float(x) for x in self.crop_scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"data.crop_scale={list(self.crop_scale)} must be [min, max] with "
+                              "0 < min <= max <= 1 (fractions of the frame area; [0.5, 1.0] is the "
+                              "default, [1.0, 1.0] keeps the whole frame)")
         if self.shuffle_block < 1:
             raise ConfigError(f"data.shuffle_block={self.shuffle_block} must be >= 1 (1: shuffle "
                               "single samples)")

@@ -329,6 +329,7 @@ def plan_clip(
     seed: int,
     epoch: int,
     random_flip: bool = False,
+    crop_scale: tuple[float, float] = (0.5, 1.0),
     shard: str = "",
 ) -> ClipPlan:
     """Frame indices, crop box and flip of one sample: the draws PyAV's path makes.
@@ -349,6 +350,7 @@ def plan_clip(
         seed: run seed.
         epoch: epoch (seeds train draws).
         random_flip: ``data.random_flip`` (a flip still needs caption-aware safety).
+        crop_scale: ``data.crop_scale``.
         shard: the shard file name, recorded in the plan for error messages.
     """
     try:
@@ -363,14 +365,14 @@ def plan_clip(
     frames = timestamps_to_indices(ts, fps, n_video).astype(np.int32)
     roi_start, roi_end, flip = plan_box(meta, index, height=height, width=width,
                                         img_size=img_size, train=train, seed=seed, epoch=epoch,
-                                        random_flip=random_flip)
+                                        random_flip=random_flip, crop_scale=crop_scale)
     return ClipPlan(index=index, shard=shard, key=str(meta.get("key", "")), frames=frames,
                     roi_start=roi_start, roi_end=roi_end, flip=flip)
 
 
 def plan_box(meta: dict[str, Any], index: int, *, height: int, width: int, img_size: int,
-             train: bool, seed: int, epoch: int, random_flip: bool = False
-             ) -> tuple[np.ndarray, np.ndarray, bool]:
+             train: bool, seed: int, epoch: int, random_flip: bool = False,
+             crop_scale: tuple[float, float] = (0.5, 1.0)) -> tuple[np.ndarray, np.ndarray, bool]:
     """Crop box (float32 (y, x) start and end, in source pixels) and flip of one sample: the
     draws ``transform_clip`` makes on a [T, C, height, width] clip (video or image).
 
@@ -384,11 +386,12 @@ def plan_box(meta: dict[str, Any], index: int, *, height: int, width: int, img_s
         seed: run seed.
         epoch: epoch.
         random_flip: ``data.random_flip``.
+        crop_scale: ``data.crop_scale`` (area range of the random resized crop).
     """
     flip = False
     if train:
         arng = get_sample_rng(seed, epoch, index, "augment")
-        top, left, h, w = get_random_resized_crop_box(height, width, arng)
+        top, left, h, w = get_random_resized_crop_box(height, width, arng, crop_scale)
         box = (float(top), float(left), float(top + h), float(left + w))
         # same order of draws as transform_clip: box first, then the coin (always drawn)
         coin = arng.random() < 0.5
@@ -730,6 +733,7 @@ class DaliLoader(VideoTextLoader):
             plan = plan_clip(meta, index, num_frames=self.cfg.num_frames,
                              img_size=self.cfg.img_size, train=self.train, seed=self.seed,
                              epoch=epoch, random_flip=self.cfg.random_flip,
+                             crop_scale=self.cfg.crop_scale,
                              shard=self._where(index)[0])
         except DataError as e:
             raise _SampleFailed("decode_error", str(e)) from e
@@ -1121,6 +1125,7 @@ class FramesDaliLoader(_ImageDecoderLoader):
             plan = plan_clip(meta, index, num_frames=self.cfg.num_frames,
                              img_size=self.cfg.img_size, train=self.train, seed=self.seed,
                              epoch=epoch, random_flip=self.cfg.random_flip,
+                             crop_scale=self.cfg.crop_scale,
                              shard=self._where(index)[0])
             _, stored = sample_clip_frames(meta, index, num_frames=self.cfg.num_frames,
                                            train=self.train, seed=self.seed, epoch=epoch)
@@ -1200,7 +1205,8 @@ class ImageDaliLoader(_ImageDecoderLoader):
             raise _SampleFailed("decode_error", f"cannot decode image: {e}") from e
         roi_start, roi_end, flip = plan_box(
             meta, index, height=height, width=width, img_size=self.cfg.img_size,
-            train=self.train, seed=self.seed, epoch=epoch, random_flip=self.cfg.random_flip)
+            train=self.train, seed=self.seed, epoch=epoch, random_flip=self.cfg.random_flip,
+            crop_scale=self.cfg.crop_scale)
         shard, key = self._where(index)
         plan = ClipPlan(index=index, shard=shard, key=key, frames=np.zeros(1, dtype=np.int32),
                         roi_start=roi_start, roi_end=roi_end, flip=flip)

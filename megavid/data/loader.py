@@ -298,7 +298,8 @@ class _BatchDataset(Dataset):
                 clip = transform_clip(
                     clip.permute(0, 3, 1, 2), cfg.img_size, train=self.train,
                     rng=get_sample_rng(self.seed, epoch, index, "augment") if self.train else None,
-                    allow_flip=cfg.random_flip and is_flip_safe(sample_texts(meta)))
+                    allow_flip=cfg.random_flip and is_flip_safe(sample_texts(meta)),
+                    scale=cfg.crop_scale)
                 return clip, caption, meta
             duration = float(meta["duration"])
             ts = sample_timestamps(
@@ -316,7 +317,8 @@ class _BatchDataset(Dataset):
             clip = transform_clip(
                 clip, cfg.img_size, train=self.train,
                 rng=get_sample_rng(self.seed, epoch, index, "augment") if self.train else None,
-                allow_flip=cfg.random_flip and is_flip_safe(sample_texts(meta)))
+                allow_flip=cfg.random_flip and is_flip_safe(sample_texts(meta)),
+                    scale=cfg.crop_scale)
         except Exception as e:  # noqa: BLE001
             # Anything a broken file or JSON makes FFmpeg/PyAV/numpy raise is that sample's
             # fault: count and replace it rather than kill the worker (and the run).

@@ -121,6 +121,7 @@ def transform_clip(
     train: bool,
     rng: np.random.Generator | None = None,
     allow_flip: bool = False,
+    scale: tuple[float, float] = (0.5, 1.0),
 ) -> torch.Tensor:
     """Crop and resize a decoded clip to uint8 [T, C, img_size, img_size].
 
@@ -132,6 +133,7 @@ def transform_clip(
         rng: the sample's "augment" generator (required when ``train``).
         allow_flip: flip with probability 0.5 (train only). Pass
             ``data_cfg.random_flip and is_flip_safe(texts)``.
+        scale: area range of the random resized crop (``data.crop_scale``).
     """
     if video_TCHW.dtype != torch.uint8 or video_TCHW.dim() != 4:
         raise ValueError(f"expected uint8 [T, C, H, W], got {video_TCHW.dtype} "
@@ -140,7 +142,7 @@ def transform_clip(
         return center_crop(resize_short_side(video_TCHW, img_size), img_size).contiguous()
     if rng is None:
         raise ValueError("transform_clip(train=True) needs an rng")
-    top, left, h, w = get_random_resized_crop_box(*video_TCHW.shape[-2:], rng)
+    top, left, h, w = get_random_resized_crop_box(*video_TCHW.shape[-2:], rng, scale)
     out = resize(video_TCHW[..., top:top + h, left:left + w], (img_size, img_size))
     # Draw the flip coin even when flipping is off, so the stream does not depend on config.
     if rng.random() < 0.5 and allow_flip:

@@ -48,9 +48,10 @@ def _frame_diffs(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return (a[:, None] - b[None]).abs().mean(-1).numpy()
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_same_samples_frames_and_pixels_as_pyav(vp9_shards, train):
-    cfg = data_cfg(vp9_shards, random_flip=True)
+@pytest.mark.parametrize("train,crop_scale", [(False, (0.5, 1.0)), (True, (0.5, 1.0)), (True, (0.2, 0.3))],
+                         ids=["eval", "train", "train_small_crops"])
+def test_same_samples_frames_and_pixels_as_pyav(vp9_shards, train, crop_scale):
+    cfg = data_cfg(vp9_shards, random_flip=True, crop_scale=crop_scale)
     dali = build_dali_loader(cfg, "train", train=train, seed=3, epoch=1, device="cpu")
     pyav = build_pyav_loader(cfg, "train", train=train, seed=3, epoch=1)
     for bd, bp in _pairs(dali, pyav):
@@ -83,6 +84,16 @@ def test_eval_frame_indices_are_segment_centres():
     windowed = plan_clip(dict(meta, start=0.2, end=1.6), 0, num_frames=4, img_size=32,
                          train=False, seed=0, epoch=0)
     assert windowed.frames.tolist() == [4, 7, 11, 14]
+    # data.crop_scale reaches the train box: areas in the range, [1, 1] is the whole frame
+    # (a 96x64 frame has aspect 1.5 > 4/3: torchvision's fallback is the centre 85x64 box)
+    for index in range(20):
+        small = plan_clip(meta, index, num_frames=4, img_size=32, train=True, seed=0, epoch=0,
+                          crop_scale=(0.2, 0.3))
+        area = float(np.prod(small.roi_end - small.roi_start)) / (96 * 64)
+        assert 0.18 <= area <= 0.32, area
+        full = plan_clip(meta, index, num_frames=4, img_size=32, train=True, seed=0, epoch=0,
+                         crop_scale=(1.0, 1.0))
+        assert full.roi_start.tolist() == [0.0, 5.0] and full.roi_end.tolist() == [64.0, 90.0]
 
 
 def test_decoded_frames_are_the_planned_ones(vp9_shards):

@@ -49,6 +49,13 @@ def test_random_resized_crop_box_properties():
         assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 100
         assert 0.5 * 6000 * 0.95 <= h * w <= 6000
         assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    # data.crop_scale: the area range is the caller's; [1, 1] on a square frame is the frame
+    for _ in range(100):
+        top, left, h, w = get_random_resized_crop_box(60, 100, rng, (0.2, 0.3))
+        assert 0.2 * 6000 * 0.9 <= h * w <= 0.3 * 6000 * 1.1
+    assert get_random_resized_crop_box(48, 48, rng, (1.0, 1.0)) == (0, 0, 48, 48)
+    v = _video(h=32, w=32)
+    torch.testing.assert_close(transform_clip(v, 32, train=True, rng=rng, scale=(1.0, 1.0)), v)
 
 
 def test_train_crop_is_reproducible_and_same_box_for_all_frames():
