@@ -335,7 +335,7 @@ def plan_clip(
     """Frame indices, crop box and flip of one sample: the draws PyAV's path makes.
 
     Frames: ``sample_timestamps`` with the sample's "frames" generator, then
-    ``timestamps_to_indices`` (nearest frame, clamped). Box and flip: eval is the short-side
+    ``timestamps_to_indices`` (the frame on screen, clamped). Box and flip: eval is the short-side
     resize + centre crop of :func:`megavid.data.transforms.transform_clip` expressed as a box
     in source pixels (the same sampling grid, resampled once); train draws
     ``get_random_resized_crop_box`` and then the flip coin from the "augment" generator, in
@@ -1097,7 +1097,7 @@ class FramesDaliLoader(_ImageDecoderLoader):
     ``fn.decoders.image`` ("mixed": hardware JPEG engines; "cpu": DALI's CPU decoder).
 
     Frames: the video path's timestamps (:func:`megavid.data.frames.sample_clip_frames`), each
-    taking the nearest stored frame; only those T JPEGs are read (``pread`` at the offsets of
+    taking the stored frame on screen; only those T JPEGs are read (``pread`` at the offsets of
     ``index.jsonl``). Crop box and flip: ``plan_clip``'s draws over the stored frame size.
     ``ClipPlan.frames`` holds the stored frame indices. Arguments: as :class:`DaliLoader`.
     """

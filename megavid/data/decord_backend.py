@@ -64,7 +64,7 @@ def decode_clip(
     num_video_frames: int | None = None,
     threads: int = 1,
 ) -> np.ndarray:
-    """Decode the frames nearest to ``timestamps`` with decord (``pyav_backend.decode_clip``'s
+    """Decode the frames on screen at ``timestamps`` with decord (``pyav_backend.decode_clip``'s
     signature and contract, so the loader takes either).
 
     Args:

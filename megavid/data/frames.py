@@ -15,8 +15,9 @@ members sort (digits before letters) in time order, before the JSON.
 
 The sample JSON keeps the *source video's* ``duration``, ``start`` and ``end``, so that
 :func:`megavid.data.sampling.sample_timestamps` draws the same timestamps as it does for a
-video shard of the same source and seed; then each timestamp takes the nearest stored frame
-(:func:`nearest_frames`). Frame facts: ``format`` "frames", ``codec`` "jpeg", ``num_frames``
+video shard of the same source and seed; then each timestamp takes the stored frame on screen
+at that time (:func:`frames_at`: the last stored frame at or before it, as
+:func:`megavid.data.sampling.timestamps_to_indices` takes the source frame). Frame facts: ``format`` "frames", ``codec`` "jpeg", ``num_frames``
 (stored frames), ``fps`` (the stored rate), ``width``/``height`` (of the JPEGs),
 ``frame_times`` (seconds of each stored frame, i.e. source frame index / source fps), ``quality``,
 and ``original`` (the source's width, height, fps, codec, num_frames).
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from megavid.data.sampling import get_sample_rng, sample_timestamps
+from megavid.data.sampling import FRAME_TOLERANCE, get_sample_rng, sample_timestamps
 from megavid.errors import DataError
 
 FRAMES_FORMAT = "frames"
@@ -97,10 +98,10 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 
 class FrameExtractor:
-    """``probe_video(..., on_frame=extractor)`` callback that keeps the source frames nearest to
-    ``start + k / fps`` (k = 0, 1, ...) inside the window, resized and JPEG-encoded.
+    """``probe_video(..., on_frame=extractor)`` callback that keeps the source frames on screen
+    at ``start + k / fps`` (k = 0, 1, ...) inside the window, resized and JPEG-encoded.
 
-    Storing the nearest *source* frame (not an interpolation) means each stored frame is a real
+    Storing the *source* frame (not an interpolation) means each stored frame is a real
     frame of the video, at the time ``frame_times`` records (source index / source fps).
 
     Args:
@@ -129,18 +130,19 @@ class FrameExtractor:
         self.error: Exception | None = None
 
     def _wanted(self, i: int, src_fps: float) -> bool:
-        t = i / src_fps
-        if not self.start - 0.5 / src_fps <= t < self.end:
+        # frame i is on screen during [i, i + 1) / src_fps (sampling.timestamps_to_indices)
+        first = math.floor(self.start * src_fps + FRAME_TOLERANCE)
+        if i < first or i / src_fps >= self.end:
             return False
         if self.fps <= 0 or self.fps >= src_fps:
             return True
         keep = False
-        # targets are visited in order; a target maps to frame floor(t_k * src_fps + 0.5)
+        # targets are visited in order; target k is the frame on screen at t_k
         while True:
             tk = self.start + self.k / self.fps
             if tk >= self.end:
                 return keep
-            j = math.floor(tk * src_fps + 0.5)  # timestamps_to_indices' rounding
+            j = math.floor(tk * src_fps + FRAME_TOLERANCE)
             if j > i:
                 return keep
             keep = keep or j == i
@@ -209,25 +211,25 @@ def get_frame_times(meta: dict[str, Any]) -> np.ndarray:
     return out
 
 
-def nearest_frames(frame_times: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Index of the stored frame nearest to each timestamp (a tie goes to the later frame,
-    as ``timestamps_to_indices`` rounds up).
+def frames_at(frame_times: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Index of the stored frame on screen at each timestamp: the last one stored at or before
+    it (the first for a timestamp before every stored frame), as
+    :func:`megavid.data.sampling.timestamps_to_indices` picks source frames.
 
     Args:
         frame_times: increasing float [n] stored frame times.
         ts: float [T] timestamps.
     """
     ts = np.asarray(ts, dtype=np.float64)
-    right = np.clip(np.searchsorted(frame_times, ts, side="left"), 0, len(frame_times) - 1)
-    left = np.clip(right - 1, 0, len(frame_times) - 1)
-    take_left = (ts - frame_times[left]) < (frame_times[right] - ts)
-    return np.where(take_left, left, right).astype(np.int64)
+    # the tolerance is in seconds here: frame_times are stored to 1e-6 s
+    idx = np.searchsorted(frame_times, ts + FRAME_TOLERANCE, side="right") - 1
+    return np.clip(idx, 0, len(frame_times) - 1).astype(np.int64)
 
 
 def sample_clip_frames(meta: dict[str, Any], index: int, *, num_frames: int, train: bool,
                        seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The timestamps the video path samples for this sample, and the stored frames nearest
-    to them.
+    """The timestamps the video path samples for this sample, and the stored frames on screen
+    at them.
 
     The draws are the video path's (``megavid.data.dali.plan_clip`` and the PyAV loader): the
     sample's "frames" generator and :func:`sample_timestamps` over the source ``duration`` and
@@ -252,7 +254,7 @@ def sample_clip_frames(meta: dict[str, Any], index: int, *, num_frames: int, tra
     rng = get_sample_rng(seed, epoch, index, "frames") if train else None
     ts = sample_timestamps(num_frames, duration, start=meta.get("start"), end=meta.get("end"),
                            train=train, rng=rng)
-    return ts, nearest_frames(get_frame_times(meta), ts)
+    return ts, frames_at(get_frame_times(meta), ts)
 
 
 def is_frames_shard_dir(shard_dir: Any) -> bool:

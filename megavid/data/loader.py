@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megavid.config import DataConfig
 from megavid.data import pyav_backend
-from megavid.data.frames import decode_jpeg, get_frame_times, nearest_frames
+from megavid.data.frames import decode_jpeg, frames_at, get_frame_times
 from megavid.data.sampling import get_sample_rng, sample_timestamps
 from megavid.data.text import build_tokenizer, get_tokenizer_path, tokenize
 from megavid.data.transforms import is_flip_safe, sample_texts, transform_clip
@@ -309,8 +309,8 @@ class _BatchDataset(Dataset):
             if stored is None:
                 frames = self.decode_fn(video, ts, fps=meta.get("fps") or None,
                                         num_video_frames=meta.get("num_frames") or None)
-            else:  # frames shards: the stored JPEGs nearest to ts, decoded with PIL
-                chosen = nearest_frames(get_frame_times(meta), ts)
+            else:  # frames shards: the stored JPEGs on screen at ts, decoded with PIL
+                chosen = frames_at(get_frame_times(meta), ts)
                 frames = np.stack([decode_jpeg(self._pread(index, stored[index][j]))
                                    for j in chosen.tolist()])
             clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, H, W, C] -> [T, C, H, W]
@@ -632,7 +632,7 @@ def build_pyav_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: in
     """The PyAV (CPU) loader over the shards of ``split``; see :func:`build_loader`.
 
     On frames shards (``megavid.data.frames``) it is the no-DALI fallback: the worker processes
-    read the stored JPEGs nearest to the sampled timestamps and decode them with PIL, then apply
+    read the stored JPEGs on screen at the sampled timestamps and decode them with PIL, then apply
     the same transforms (same per-sample draws) as for video.
 
     Args:

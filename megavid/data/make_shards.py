@@ -11,7 +11,7 @@ Deterministic whatever ``--workers`` is: the sample order is the annotation orde
 consumed in that order, and encoders run single-threaded with bitexact containers.
 
 Frames shards (``--shard-format frames --fps F --short-side S --quality Q``): instead of a video
-member, each sample stores the source frames nearest to F fps inside its window as JPEG members
+member, each sample stores the source frames on screen at F fps inside its window as JPEG members
 ``{key}.0000.jpg``... (layout: ``megavid/data/FRAMES.md``, code: :mod:`megavid.data.frames`),
 made from the same single validation decode of the source.
 

@@ -65,7 +65,7 @@ def decode_clip(
     threads: int = 1,
     stats: dict | None = None,
 ) -> np.ndarray:
-    """Decode the frames nearest to ``timestamps`` (seconds from the first frame).
+    """Decode the frames on screen at ``timestamps`` (seconds from the first frame).
 
     Args:
         data: the encoded file's bytes (a shard member), or a path.

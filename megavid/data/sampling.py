@@ -8,7 +8,8 @@ not depend on the backend:
   uniformly inside each segment (TSN-style "uniform segments with a random offset");
 * eval: the centre of each segment (deterministic).
 
-Timestamps become frame indices with :func:`timestamps_to_indices` (nearest frame, clamped).
+Timestamps become frame indices with :func:`timestamps_to_indices` (the frame on screen at
+that time, clamped).
 Per-sample randomness comes from :func:`get_sample_rng`, seeded by (seed, epoch, sample index)
 and a named stream, so that a sample decodes to the same frames in any worker, rank, world size
 or backend.
@@ -21,6 +22,9 @@ import numpy as np
 from megavid.errors import DataError
 
 MAX_NUM_FRAMES = 96
+FRAME_TOLERANCE = 1e-6
+"""Fraction of a frame by which a timestamp may fall short of a frame boundary and still count
+as that frame (float error of t * fps at exact boundaries)."""
 
 # Independent random streams per sample: drawing a caption must not shift the frame offsets.
 RNG_STREAMS: dict[str, int] = {"frames": 0, "caption": 1, "augment": 2}
@@ -79,9 +83,15 @@ def sample_timestamps(
 
 
 def timestamps_to_indices(ts: np.ndarray, fps: float, num_video_frames: int) -> np.ndarray:
-    """Index of the frame nearest to each timestamp (frame i is shown at i / fps), clamped.
+    """Index of the frame on screen at each timestamp, clamped: frame i is shown during
+    ``[i / fps, (i + 1) / fps)``, so ``floor(t * fps)``.
 
-    Ties round up (``floor(t * fps + 0.5)``) rather than to even, so that every backend agrees.
+    This is what the segments of :func:`sample_timestamps` mean: a video of n frames lasts
+    n / fps seconds, segment k of n equal segments is exactly frame k (train draws and eval
+    centres alike), as TSN / MMAction2 sample frame indices. (Rounding to the nearest frame
+    instant instead shifts every pick by half a frame: with as many segments as frames, eval
+    then skips frame 0 and repeats the last, and train draws repeat and skip frames at random.)
+    A tolerance of 1e-6 frame absorbs float error at exact frame boundaries.
 
     Args:
         ts: timestamps in seconds, relative to the first frame.
@@ -95,5 +105,5 @@ def timestamps_to_indices(ts: np.ndarray, fps: float, num_video_frames: int) -> 
         raise DataError(f"fps={fps!r} must be positive")
     if num_video_frames < 1:
         raise DataError(f"a video with {num_video_frames} frames has nothing to sample")
-    idx = np.floor(np.asarray(ts, dtype=np.float64) * fps + 0.5).astype(np.int64)
+    idx = np.floor(np.asarray(ts, dtype=np.float64) * fps + FRAME_TOLERANCE).astype(np.int64)
     return np.clip(idx, 0, num_video_frames - 1)

@@ -74,16 +74,17 @@ def test_same_samples_frames_and_pixels_as_pyav(vp9_shards, train, crop_scale):
 
 def test_eval_frame_indices_are_segment_centres():
     """Hand-computed: 20 frames at 10 fps (2 s), 4 segments of 0.5 s, centres 0.25..1.75 s ->
-    frames 3, 8, 13, 18; a [0.2, 1.6] window: centres 0.375, 0.725, 1.075, 1.425 -> 4, 7, 11, 14."""
+    the frames on screen then, 2, 7, 12, 17; a [0.2, 1.6] window: centres 0.375, 0.725, 1.075,
+    1.425 -> 3, 7, 10, 14."""
     meta = {"key": "k", "duration": 2.0, "fps": 10.0, "num_frames": 20, "width": 96,
             "height": 64, "captions": ["a"]}
     plan = plan_clip(meta, 0, num_frames=4, img_size=32, train=False, seed=0, epoch=0)
-    assert plan.frames.tolist() == [3, 8, 13, 18]
+    assert plan.frames.tolist() == [2, 7, 12, 17]
     # short side 64 -> 32: width 96 -> 48, centre crop 32 -> columns 8..40 of 48 = 16..80 of 96
     assert plan.roi_start.tolist() == [0.0, 16.0] and plan.roi_end.tolist() == [64.0, 80.0]
     windowed = plan_clip(dict(meta, start=0.2, end=1.6), 0, num_frames=4, img_size=32,
                          train=False, seed=0, epoch=0)
-    assert windowed.frames.tolist() == [4, 7, 11, 14]
+    assert windowed.frames.tolist() == [3, 7, 10, 14]
     # data.crop_scale reaches the train box: areas in the range, [1, 1] is the whole frame
     # (a 96x64 frame has aspect 1.5 > 4/3: torchvision's fallback is the centre 85x64 box)
     for index in range(20):

@@ -53,17 +53,31 @@ def test_train_needs_an_rng_and_frames_in_range():
     assert len(sample_timestamps(96, 1.0, train=False)) == 96
 
 
-def test_timestamps_to_indices_nearest_and_clamped():
-    # fps 10: 0.04 -> 0.4 -> 0; 0.05 -> 0.5 -> ties round up -> 1; 0.26 -> 3; 0.99 -> 10 -> 9
-    idx = timestamps_to_indices(np.array([0.04, 0.05, 0.26, 0.99, -0.3]), 10.0, 10)
-    assert idx.tolist() == [0, 1, 3, 9, 0]
+def test_timestamps_to_indices_frame_on_screen_and_clamped():
+    # fps 10: frame i is shown during [i/10, (i+1)/10): 0.04 -> 0; 0.099 -> 0; 0.1 -> 1 (and
+    # 0.3 computed as 0.1 * 3 = 0.30000000000000004 or as 0.7 - 0.4 = 0.29999999999999993 -> 3);
+    # 0.26 -> 2;
+    # 1.5 -> 15 -> clamped 9; -0.3 -> 0
+    ts = np.array([0.04, 0.099, 0.1, 0.1 * 3, 0.7 - 0.4, 0.26, 1.5, -0.3])
+    idx = timestamps_to_indices(ts, 10.0, 10)
+    assert idx.tolist() == [0, 0, 1, 3, 3, 2, 9, 0]
     assert idx.dtype == np.int64
     # 8 eval frames of a 2 s, 8 fps video (16 frames) land on the odd frames
     ts = sample_timestamps(8, 2.0, train=False)
     assert timestamps_to_indices(ts, 8.0, 16).tolist() == [1, 3, 5, 7, 9, 11, 13, 15]
-    # more clip frames than video frames repeat frames
+    # as many segments as frames: segment k is frame k, in eval and for every train draw
+    rng = np.random.default_rng(0)
+    assert timestamps_to_indices(sample_timestamps(8, 1.0, train=False), 8.0, 8).tolist() == list(range(8))
+    for _ in range(50):
+        ts = sample_timestamps(8, 1.0, train=True, rng=rng)
+        assert timestamps_to_indices(ts, 8.0, 8).tolist() == list(range(8))
+    # 8 train frames of 16: segment k draws frame 2k or 2k + 1, never a neighbour's
+    for _ in range(50):
+        idx = timestamps_to_indices(sample_timestamps(8, 2.0, train=True, rng=rng), 8.0, 16)
+        assert ((idx // 2) == np.arange(8)).all()
+    # more clip frames than video frames repeat frames: each twice
     assert timestamps_to_indices(sample_timestamps(4, 0.5, train=False), 4.0, 2).tolist() == \
-        [0, 1, 1, 1]
+        [0, 0, 1, 1]
 
 
 def test_sample_rng_streams_are_reproducible_and_independent():

@@ -102,8 +102,8 @@ def test_frames_and_synthetic_vp9_shards(videos_dir, synthetic_root, tmp_path):
                                   shard_format="frames", fps=4, short_side=64), quiet=True)
     stats = get_shard_stats(out)
     _check(stats, _expected(out))
-    # 4.004 s at 4 fps: frames at 0, 0.25, ... 3.75 s -> 16 JPEGs of 78x64
-    assert stats["frames"] == 16 and stats["formats"] == {"frames": 1} and stats["codecs"] == {"jpeg": 1}
+    # 4.004 s at 4 fps: the frames on screen at 0, 0.25, ... 4.0 s -> 17 JPEGs of 78x64
+    assert stats["frames"] == 17 and stats["formats"] == {"frames": 1} and stats["codecs"] == {"jpeg": 1}
     assert stats["resolutions"] == {"78x64": 1}
     syn = synthetic_root / "shards" / "train"
     stats = get_shard_stats(syn)
