@@ -406,6 +406,16 @@ class TaskConfig:
     name: str = "pretrain"
     cls: ClassificationConfig = field(default_factory=ClassificationConfig)
     """Classification, linear probe, feature extraction and egocentric evaluation settings."""
+    qa_pairs_per_sample: int = 4
+    """finetune-qa: QA pairs trained per visit of a video (a seeded choice when it has more;
+    0: all). The clip is decoded and encoded once and shared by its questions, so each epoch
+    sees up to this many questions per video instead of one; larger values cost fusion-layer
+    compute and memory (rows = batch x pairs)."""
+
+    def __post_init__(self) -> None:
+        if self.qa_pairs_per_sample < 0:
+            raise ConfigError(f"task.qa_pairs_per_sample={self.qa_pairs_per_sample} must be >= 0 "
+                              "(0: every QA pair of a video at each visit)")
 
 
 @dataclass(kw_only=True, slots=True)

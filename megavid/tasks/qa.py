@@ -4,9 +4,11 @@ moving-shapes QA): answer classification over a vocabulary of the most frequent 
 - Answer vocabulary: the ``model.num_answers`` most frequent answers of the training split's QA
   pairs (ties broken alphabetically, so every rank and every re-run builds the same list),
   saved as ``<run_dir>/answers.json``.
-- Training: each training sample contributes ONE of its QA pairs, chosen by a generator seeded
-  from (run seed, epoch, sample index), so a resumed run picks the same pairs; the question is
-  tokenized with ``task.tokenizer`` and the loss is the cross-entropy of ``model.qa_logits``.
+- Training: each training sample contributes up to ``task.qa_pairs_per_sample`` of its QA pairs
+  (all of them when it has no more; else a choice seeded from (run seed, epoch, sample index),
+  so a resumed run picks the same pairs). The clip is encoded once and its questions share its
+  tokens; each question is tokenized with ``data.tokenizer`` and the loss is the mean
+  cross-entropy of ``model.qa_logits`` over the questions.
   Questions whose answer is outside the vocabulary are skipped and counted (``qa_skipped_oov``).
 - Evaluation: every QA pair of every held-out sample; accuracy overall and per question type
   (an out-of-vocabulary answer counts as a wrong prediction), the majority-answer baseline of
@@ -137,55 +139,63 @@ class QATask(VideoTextTask):
         self._train_loader = super().build_train_loader(rank, world_size)
         return self._train_loader
 
-    def choose_training_qa(self, batch: dict[str, Any]) -> tuple[list[str], torch.Tensor]:
-        """One QA pair per sample: (questions, answer ids [B], -1 for out-of-vocabulary or
-        no question)."""
+    def choose_training_qa(self, batch: dict[str, Any]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The QA pairs trained on this batch: up to ``task.qa_pairs_per_sample`` per sample
+        (all when it has no more; else a choice seeded by (run seed, epoch, sample index), so a
+        resumed run picks the same ones).
+
+        Returns:
+            (questions, answer ids [R] with -1 for an answer outside the vocabulary, the batch
+            row of each question [R]); a sample without QA pairs gives no row.
+        """
         epoch = int(getattr(self._train_loader, "epoch", 0))
+        k = self.cfg.task.qa_pairs_per_sample
         indices = batch.get("indices")
-        questions, labels = [], []
+        questions, labels, rows = [], [], []
         for j, meta in enumerate(batch["meta"]):
             pairs = _qa_pairs(meta)
-            if not pairs:
-                questions.append("")
-                labels.append(-1)
-                continue
-            index = int(indices[j]) if indices is not None else j
-            rng = np.random.default_rng([int(self.cfg.run.seed), epoch, index, _QA_STREAM])
-            qa = pairs[int(rng.integers(len(pairs)))]
-            questions.append(qa["question"])
-            labels.append(self.answer_to_id.get(qa["answer"], -1))
-        return questions, torch.tensor(labels, dtype=torch.long)
+            if 0 < k < len(pairs):
+                index = int(indices[j]) if indices is not None else j
+                rng = np.random.default_rng([int(self.cfg.run.seed), epoch, index, _QA_STREAM])
+                pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), k, replace=False).tolist())]
+            for qa in pairs:
+                questions.append(qa["question"])
+                labels.append(self.answer_to_id.get(qa["answer"], -1))
+                rows.append(j)
+        return questions, torch.tensor(labels, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
 
     def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from megavid.data.text import tokenize
         from megavid.data.transforms import normalize_clip
 
-        questions, labels = self.choose_training_qa(batch)
+        questions, labels, rows = self.choose_training_qa(batch)
         keep = labels >= 0
         skipped = int((~keep).sum())
         self.skipped_oov += skipped
         if not bool(keep.any()):
             # Every rank must run backward (ZeRO collectives): a zero loss still connected to
-            # the graph, computed on one row with a dummy label.
-            keep = torch.zeros_like(keep)
-            keep[0] = True
-            weight = 0.0
-            labels = torch.zeros_like(labels)
+            # the graph, computed on one row with a dummy question and label.
+            questions, rows = [""], torch.zeros(1, dtype=torch.long)
+            labels, keep, weight = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool), 0.0
         else:
             weight = 1.0
         sel = keep.nonzero().squeeze(1)
-        video = normalize_clip(batch["video"][sel], self.device, self.dtype)
+        # each clip is encoded once; its kept questions share its tokens
+        clips = torch.unique(rows[sel])
+        video = normalize_clip(batch["video"][clips], self.device, self.dtype)
         ids, mask = tokenize(self.tokenizer, [questions[i] for i in sel.tolist()],
                              self.cfg.data.max_text_len)
         # The QA objective alone (whatever the pretraining weights of model.*_weight say):
-        # cross-entropy of the QA head's logits over the vocabulary.
+        # cross-entropy of the QA head's logits over the vocabulary, one term per question.
         tokens, _ = model.encode_video(video)
-        logits = model.qa_logits(tokens, ids.to(self.device), mask.to(self.device)).float()
+        row_of_clip = torch.searchsorted(clips, rows[sel]).to(tokens.device)
+        logits = model.qa_logits(tokens[row_of_clip], ids.to(self.device), mask.to(self.device)).float()
         target = labels[sel].to(self.device)
         loss = F.cross_entropy(logits, target) * weight
         acc = (logits.argmax(-1) == target).float().mean() if weight else logits.new_zeros(())
         return {"loss": loss, "loss_qa": loss.detach(), "train_acc": acc.detach() * 100.0,
-                "qa_skipped_oov": torch.tensor(float(skipped))}
+                "qa_skipped_oov": torch.tensor(float(skipped)),
+                "qa_questions": torch.tensor(float(len(sel) if weight else 0))}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """QA accuracy on the validation split (run by the engine every ``train.eval_every``)."""

@@ -126,6 +126,14 @@ def test_forward_reports_each_enabled_loss_and_weights_them(make_cfg, make_batch
     tokens, feat = model.encode_video(video)
     assert feat.shape == (4, cfg.proj_dim) and torch.allclose(feat.norm(dim=-1), torch.ones(4))
     assert model.qa_logits(tokens, ids, mask).shape == (4, 7)
+    # the QA head reads the fused [CLS] state beside the pooled video feature (VTC's pooling)
+    with torch.no_grad():
+        fused = model.text_encoder(ids, mask, tokens)[:, 0]
+        pooled = tokens[:, 1:].mean(1) if cfg.video_pool == "mean" else tokens[:, 0]
+        by_hand = model.qa_head[2](model.qa_head[1](
+            fused @ model.qa_head[0].weight[:, :fused.shape[1]].T
+            + pooled @ model.qa_head[0].weight[:, fused.shape[1]:].T + model.qa_head[0].bias))
+        torch.testing.assert_close(model.qa_logits(tokens, ids, mask), by_hand)
 
 
 def test_mlm_head_is_tied_to_word_embeddings(make_cfg, make_batch) -> None:
