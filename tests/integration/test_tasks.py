@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter, defaultdict
 from importlib import metadata
 from pathlib import Path
@@ -199,22 +200,23 @@ def test_finetune_retrieval_reports_vtc_and_vtm_metrics(base_tokens, synthetic_s
 # --------------------------------------------------------------------------------------------
 # finetune-qa
 # --------------------------------------------------------------------------------------------
-QA_PRETRAIN_STEPS = 300
-QA_STEPS = 250
-QA_LR = 5e-4
+QA_PRETRAIN_STEPS = 20
+QA_STEPS = 500
+QA_LR = 1e-3
 
 
 @pytest.mark.slow
 def test_finetune_qa_beats_majority_baseline_per_question_type(base_tokens, synthetic_root, capsys):
-    """finetune-qa from a short VTC pretraining (the usual protocol: QA heads are finetuned
-    from pretrained encoders; from random init, 150 steps at lr 2e-3, the tiny model learnt
-    only the answer priors on this data: 0.0 vs 0.0 colour, 12.5 vs 25.0 shape, 25.0 vs 25.0
-    direction)."""
+    """finetune-qa from an exported pretraining checkpoint (which has no QA head: the head is
+    initialised, the rest loads strictly), every QA pair of a clip trained at each visit, then
+    accuracy per question type on the held-out test split against the majority answer of the
+    training annotations. The short pretraining exercises the weights path; the QA numbers come
+    from the finetune itself."""
     from megavid.eval.results import file_sha256
 
     model = ["model.video.rgb_diff=true"]
     pre = base_tokens + model + ["run.name=qa_pre", f"train.max_steps={QA_PRETRAIN_STEPS}",
-                                 "optim.lr=1e-3", "data.shuffle_block=4", "train.log_every=100"]
+                                 "data.shuffle_block=4", "train.log_every=10"]
     assert cli.main(["pretrain", *pre]) == 0
     assert cli.main(["export-checkpoint", *pre]) == 0
     weights = compose(pre).run_dir / "model_fp32.pt"
@@ -266,26 +268,34 @@ def test_finetune_qa_beats_majority_baseline_per_question_type(base_tokens, synt
     assert set(acc) == {"colour", "shape", "direction"}
     assert "majority baseline" in printed
 
+    # Beating the baseline means more than noise: by at least two standard errors of the
+    # accuracy (n = 64 questions per type: ~11 points at 25%).
     summary = {t: (round(acc[t], 1), round(base[t], 1)) for t in sorted(acc)}
-    assert acc["colour"] > base["colour"], f"QA accuracy vs majority baseline per type: {summary}"
-    below = [t for t in ("shape", "direction") if acc[t] <= base[t]]
+    margin = {t: 2 * 100.0 * math.sqrt(base[t] / 100.0 * (1 - base[t] / 100.0) / len(h))
+              for t, h in by_type.items()}
+    assert acc["colour"] > base["colour"] + margin["colour"], summary
+    below = [t for t in ("shape", "direction") if acc[t] <= base[t] + margin[t]]
     if below:
-        # Reported, not hidden: 4-6 px shapes and 0.5-1.5 px/frame motion at 32x32 are beyond
-        # this test's tiny model and CPU budget (the 64 px demo shows direction: README).
-        pytest.xfail(f"{', '.join(below)} not above the majority baseline: {summary}")
+        # Reported, not hidden (issue 8 stays open on it): measured 32.8 / 29.7 shape and
+        # 31.2 / 39.1 direction vs 25.0 with 384 / 1024 training clips; in a plain loop with
+        # a constant lr the same model reached direction 75-94% but shape only 27-48%.
+        pytest.xfail(f"{', '.join(below)} not 2 standard errors above the majority baseline: "
+                     f"{summary}")
 
 
 def test_qa_task_vocabulary_seeded_choice_and_oov_skips(base_tokens, synthetic_root):
-    """Without the trainer: a vocabulary smaller than the answer set makes some training
-    questions out of vocabulary; they are skipped and counted, and the loss is the
-    cross-entropy of qa_logits over the kept questions (recomputed here)."""
+    """Without the trainer: up to task.qa_pairs_per_sample QA pairs per clip (a seeded choice);
+    a vocabulary smaller than the answer set makes some training questions out of vocabulary,
+    which are skipped and counted; the loss is the cross-entropy of qa_logits over the kept
+    questions, each clip encoded once (recomputed here clip by clip)."""
     import torch.nn.functional as F
 
     from megavid.data.text import tokenize
     from megavid.data.transforms import normalize_clip
     from megavid.tasks.qa import QATask
 
-    cfg = compose(base_tokens + ["run.name=qa_unit", "run.debug=true", "model.num_answers=8"])
+    cfg = compose(base_tokens + ["run.name=qa_unit", "run.debug=true", "model.num_answers=8",
+                                 "task.qa_pairs_per_sample=2"])
     task = QATask(cfg)
     task.setup(torch.device("cpu"), torch.float32, 0, 1)
     train = _raw_split(synthetic_root, "train")
@@ -296,24 +306,36 @@ def test_qa_task_vocabulary_seeded_choice_and_oov_skips(base_tokens, synthetic_r
     model = task.build_model()
     loader = task.build_train_loader(0, 1)
     batch = next(iter(loader))
-    q1, l1 = task.choose_training_qa(batch)
-    q2, l2 = task.choose_training_qa(batch)
-    assert q1 == q2 and torch.equal(l1, l2)  # seeded: the same pair for the same sample/epoch
-    for meta, q, lab in zip(batch["meta"], q1, l1.tolist()):
-        pair = next(p for p in meta["qa"] if p["question"] == q)
+    q1, l1, r1 = task.choose_training_qa(batch)
+    q2, l2, r2 = task.choose_training_qa(batch)
+    assert q1 == q2 and torch.equal(l1, l2) and torch.equal(r1, r2)  # seeded per sample/epoch
+    assert r1.tolist() == [j for j in range(len(batch["meta"])) for _ in range(2)]
+    for q, lab, j in zip(q1, l1.tolist(), r1.tolist()):
+        pair = next(p for p in batch["meta"][j]["qa"] if p["question"] == q)
         assert lab == (task.answers.index(pair["answer"]) if pair["answer"] in task.answers else -1)
     loader.epoch += 1  # another epoch draws other pairs for some samples
     assert task.choose_training_qa(batch)[0] != q1
     loader.epoch -= 1
+    # 0: every pair of every clip, in the sample's order
+    task.cfg.task.qa_pairs_per_sample = 0
+    q_all = task.choose_training_qa(batch)[0]
+    assert q_all == [p["question"] for m in batch["meta"] for p in m["qa"]]
+    task.cfg.task.qa_pairs_per_sample = 2
 
     out = task.training_forward(model, batch)
     keep = [i for i, lab in enumerate(l1.tolist()) if lab >= 0]
     assert 0 < len(keep) < len(q1), "pick a vocabulary size that leaves some questions out"
     assert float(out["qa_skipped_oov"]) == len(q1) - len(keep) == task.skipped_oov
+    assert float(out["qa_questions"]) == len(keep)
     with torch.no_grad():
-        tokens, _ = model.encode_video(normalize_clip(batch["video"][keep], torch.device("cpu"), torch.float32))
-        ids, mask = tokenize(task.tokenizer, [q1[i] for i in keep], cfg.data.max_text_len)
-        ref = F.cross_entropy(model.qa_logits(tokens, ids, mask), l1[keep])
+        losses = []
+        for i in keep:  # one clip at a time: the shared-encoding path must give the same rows
+            j = int(r1[i])
+            tokens, _ = model.encode_video(normalize_clip(batch["video"][j:j + 1], torch.device("cpu"),
+                                                          torch.float32))
+            ids, mask = tokenize(task.tokenizer, [q1[i]], cfg.data.max_text_len)
+            losses.append(F.cross_entropy(model.qa_logits(tokens, ids, mask), l1[i:i + 1]))
+        ref = torch.stack(losses).mean()
     assert float(out["loss"].detach()) == pytest.approx(float(ref), rel=1e-5)
 
 
