@@ -202,7 +202,7 @@ def test_finetune_retrieval_reports_vtc_and_vtm_metrics(base_tokens, synthetic_s
 # --------------------------------------------------------------------------------------------
 QA_PRETRAIN_STEPS = 20
 QA_STEPS = 500
-QA_LR = 1e-3
+QA_LR = 5e-4
 
 
 @pytest.mark.slow
@@ -211,7 +211,9 @@ def test_finetune_qa_beats_majority_baseline_per_question_type(base_tokens, synt
     initialised, the rest loads strictly), every QA pair of a clip trained at each visit, then
     accuracy per question type on the held-out test split against the majority answer of the
     training annotations. The short pretraining exercises the weights path; the QA numbers come
-    from the finetune itself."""
+    from the finetune itself. Measured (2048 training clips, 64 test questions per type):
+    colour 100.0 / shape 35.9 / direction 82.8 vs baselines 18.8 / 12.5 / 25.0; with 1024 clips
+    100.0 / 40.6 / 45.3 vs 18.8 / 25.0 / 25.0; with 384, shape fell below its baseline."""
     from megavid.eval.results import file_sha256
 
     model = ["model.video.rgb_diff=true"]
@@ -224,7 +226,8 @@ def test_finetune_qa_beats_majority_baseline_per_question_type(base_tokens, synt
     tokens = base_tokens + model + ["run.name=qa", "model.num_answers=17", "eval.split=test",
                                     f"model.weights={weights}",
                                     f"train.max_steps={QA_STEPS}", f"optim.lr={QA_LR}",
-                                    "optim.warmup_steps=10", "train.log_every=50"]
+                                    "optim.schedule=constant", "optim.warmup_steps=10",
+                                    "train.log_every=50"]
     capsys.readouterr()
     assert cli.main(["finetune-qa", *tokens]) == 0
     printed = capsys.readouterr().out
@@ -273,14 +276,8 @@ def test_finetune_qa_beats_majority_baseline_per_question_type(base_tokens, synt
     summary = {t: (round(acc[t], 1), round(base[t], 1)) for t in sorted(acc)}
     margin = {t: 2 * 100.0 * math.sqrt(base[t] / 100.0 * (1 - base[t] / 100.0) / len(h))
               for t, h in by_type.items()}
-    assert acc["colour"] > base["colour"] + margin["colour"], summary
-    below = [t for t in ("shape", "direction") if acc[t] <= base[t] + margin[t]]
-    if below:
-        # Reported, not hidden (issue 8 stays open on it): measured 32.8 / 29.7 shape and
-        # 31.2 / 39.1 direction vs 25.0 with 384 / 1024 training clips; in a plain loop with
-        # a constant lr the same model reached direction 75-94% but shape only 27-48%.
-        pytest.xfail(f"{', '.join(below)} not 2 standard errors above the majority baseline: "
-                     f"{summary}")
+    for t in acc:
+        assert acc[t] > base[t] + margin[t], f"{t}: QA accuracy vs majority baseline per type: {summary}"
 
 
 def test_qa_task_vocabulary_seeded_choice_and_oov_skips(base_tokens, synthetic_root):
