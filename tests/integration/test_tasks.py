@@ -25,14 +25,7 @@ from megavid.config import compose
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two busy cores: a second intra-op thread spin-waits against the other processes and
-    # made a tiny step 20x slower (6.3 s vs 0.32 s measured); one thread is steady.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hash_by_hand(path: Path) -> str:

@@ -48,6 +48,21 @@ def _doc(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _finetune_cls(args: list[str]):
+    """finetune-cls to the end; returns (cfg, results JSON, checkpoint) after checking that the
+    JSON names the checkpoint's sha256 and verifies."""
+    from megavid.engine.checkpoint import find_checkpoint
+    from megavid.eval.results import file_sha256, verify_results
+
+    assert main(["finetune-cls", *args, "--overwrite"]) == 0
+    cfg = compose(args)
+    out = cfg.run_dir / "eval" / "cls_val.json"
+    doc = _doc(out)
+    ckpt = Path(find_checkpoint(cfg.run_dir))
+    assert doc["checkpoint"]["sha256"] == file_sha256(ckpt) and verify_results(out)
+    return cfg, doc, ckpt
+
+
 def _scores(run_dir: Path, doc: dict, name: str) -> dict:
     """The scores file named by a results JSON, checked against the sha256 the JSON records."""
     from megavid.eval.results import file_sha256
@@ -94,8 +109,6 @@ def test_finetune_multilabel_charades_ego_csv(issue12_root, base_args, tmp_path)
     """Charades-Ego layout: the 'actions' column lists class ids with times (here the clip's
     colour and direction as two actions), the class list maps ids to names; make-shards reads
     the labels into the samples and finetune-cls reports mAP over the 12 classes."""
-    from megavid.engine.checkpoint import find_checkpoint
-    from megavid.eval.results import file_sha256, verify_results
     from megavid.tasks.classification import read_label_file
 
     ce = tmp_path / "charades_ego"
@@ -129,12 +142,7 @@ def test_finetune_multilabel_charades_ego_csv(issue12_root, base_args, tmp_path)
 
     args = base_args + [f"data.root={ce}", "run.name=ft_charades", "task=cls_charades_ego",
                         "train.max_steps=4", "optim.lr=5e-4", "eval.split=val"]
-    assert main(["finetune-cls", *args, "--overwrite"]) == 0
-    cfg = compose(args)
-    out = cfg.run_dir / "eval" / "cls_val.json"
-    doc = _doc(out)
-    ckpt = Path(find_checkpoint(cfg.run_dir))
-    assert doc["checkpoint"]["sha256"] == file_sha256(ckpt) and verify_results(out)
+    cfg, doc, ckpt = _finetune_cls(args)
     m = doc["metrics"]
     assert m["labels"] == {"classes": names, "multilabel": True} and m["num_samples"] == 32
 
@@ -169,8 +177,6 @@ def test_finetune_multilabel_charades_ego_csv(issue12_root, base_args, tmp_path)
 def test_finetune_path_label_list(issue12_root, base_args, tmp_path):
     """A generic `path,label` list (paths relative to the video folder, labels as names):
     make-shards' classification reader writes 'label', finetune-cls reports top-1/top-4."""
-    from megavid.engine.checkpoint import find_checkpoint
-    from megavid.eval.results import file_sha256, verify_results
 
     root = tmp_path / "pathlabel"
     truth: dict[str, int] = {}
@@ -187,12 +193,7 @@ def test_finetune_path_label_list(issue12_root, base_args, tmp_path):
     args = base_args + [f"data.root={root}", "run.name=ft_list", "task=finetune_cls",
                         f"task.cls.classes=[{','.join(DIRECTIONS)}]", "train.max_steps=4",
                         "optim.lr=5e-4", "eval.split=val"]
-    assert main(["finetune-cls", *args, "--overwrite"]) == 0
-    cfg = compose(args)
-    out = cfg.run_dir / "eval" / "cls_val.json"
-    doc = _doc(out)
-    ckpt = Path(find_checkpoint(cfg.run_dir))
-    assert doc["checkpoint"]["sha256"] == file_sha256(ckpt) and verify_results(out)
+    cfg, doc, ckpt = _finetune_cls(args)
     m = doc["metrics"]
     assert m["num_samples"] == 32 and m["labels"]["classes"] == DIRECTIONS
     assert m["train"]["step"] == 4

@@ -22,13 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: a second intra-op thread spin-waits against the other processes
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # A tiny divided space-time TimeSformer + BERT (the real MiniLM vocabulary size).
