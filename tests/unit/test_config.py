@@ -61,6 +61,7 @@ def test_yaml_file_layer(cfgdir, tmp_path):
         (["run.debug=3"], "'run.debug' expects true/false"),
         (["optim.betas=[0.9]"], "'optim.betas' expects 2 values"),
         (["train.zero_stage=4"], "train.zero_stage=4 must be 0, 1, 2 or 3"),
+        (["task.qa_pairs_per_sample=-1"], "task.qa_pairs_per_sample=-1 must be >= 0 (0: every QA pair"),
         (["data.crop_scale=[0.8,0.5]"], "data.crop_scale=[0.8, 0.5] must be [min, max] with 0 < min <= max <= 1"),
         (["model.video.num_frames=16", "data.num_frames=8"], "data.num_frames=8 differs from model.video.num_frames=16"),
         (["model=nope"], "no config 'nope' in group 'model'"),
