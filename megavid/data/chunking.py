@@ -80,9 +80,10 @@ def decode_frame_range(path: str | os.PathLike, first: int, stop: int,
     import av
 
     from megavid.data.probe import REASON_DECODE, REASON_UNREADABLE
+    from megavid.data.pyav_backend import open_input
 
     try:
-        container = av.open(str(path))
+        container = open_input(path)
     except (av.error.FFmpegError, ValueError) as e:
         raise VideoProbeError(REASON_UNREADABLE, str(e)) from e
     indices: list[int] = []

@@ -7,7 +7,6 @@ after *every* frame decoded here. Failures are classified into short, stable rea
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import av
+
+from megavid.data.pyav_backend import open_input
 
 # Reasons (stable strings: they are the keys of the failure counters in stats files).
 REASON_MISSING = "missing_file"
@@ -59,7 +60,7 @@ def _open(src: str | os.PathLike | bytes) -> av.container.InputContainer:
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise VideoProbeError(REASON_EMPTY, "0 bytes")
-        fobj: Any = io.BytesIO(bytes(src))
+        fobj: Any = bytes(src)
     else:
         path = Path(src)
         if not path.is_file():
@@ -68,7 +69,7 @@ def _open(src: str | os.PathLike | bytes) -> av.container.InputContainer:
             raise VideoProbeError(REASON_EMPTY, str(path))
         fobj = str(path)
     try:
-        return av.open(fobj, mode="r")
+        return open_input(fobj)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
         raise VideoProbeError(REASON_UNREADABLE, str(e)) from e
 

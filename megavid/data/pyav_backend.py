@@ -29,9 +29,17 @@ from megavid.errors import DataError
 _SEEK_MIN_FRAMES = 8
 
 
-def _open(data: bytes | str | os.PathLike) -> av.container.InputContainer:
+# A container tag that is not UTF-8 must not make a decodable video unreadable. PyAV < 19
+# decodes tags strictly unless told to ignore errors; PyAV 19 always decodes them with
+# surrogateescape and no longer takes the argument (passing it is a TypeError).
+_OPEN_KW = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
+
+
+def open_input(data: bytes | str | os.PathLike) -> av.container.InputContainer:
+    """``av.open`` for reading an encoded video (its bytes or a path), tolerant of non-UTF-8
+    container tags on every PyAV version."""
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else str(data)
-    return av.open(src, mode="r", metadata_errors="ignore")
+    return av.open(src, mode="r", **_OPEN_KW)
 
 
 def probe_video(data: bytes | str | os.PathLike) -> dict:
@@ -41,7 +49,7 @@ def probe_video(data: bytes | str | os.PathLike) -> dict:
         data: the encoded file's bytes, or a path.
     """
     try:
-        with _open(data) as container:
+        with open_input(data) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             if stream.duration is not None:
@@ -87,7 +95,7 @@ def decode_clip(
     """
     ts = np.asarray(timestamps, dtype=np.float64)
     try:
-        with _open(data) as container:
+        with open_input(data) as container:
             if not container.streams.video:
                 raise DataError("no video stream in the file")
             stream = container.streams.video[0]
@@ -261,7 +269,7 @@ def trim_to_gops(data: bytes, frames: np.ndarray) -> tuple[bytes, np.ndarray]:
     """
     frames = np.asarray(frames, dtype=np.int64)
     try:
-        with _open(data) as container:
+        with open_input(data) as container:
             stream = container.streams.video[0]
             packets = [p for p in container.demux(stream) if p.size]
             if not packets or any(p.pts is None for p in packets) or not packets[0].is_keyframe:

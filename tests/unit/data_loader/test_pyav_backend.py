@@ -46,9 +46,9 @@ class _SeekSpy:
 
 @pytest.fixture
 def seek_spy(monkeypatch):
-    real_open = pyav_backend._open
+    real_open = pyav_backend.open_input
     _SeekSpy.seeks = []
-    monkeypatch.setattr(pyav_backend, "_open", lambda data: _SeekSpy(real_open(data)))
+    monkeypatch.setattr(pyav_backend, "open_input", lambda data: _SeekSpy(real_open(data)))
     return _SeekSpy.seeks
 
 
@@ -104,3 +104,35 @@ def test_not_a_video_raises_data_error(long_vp9):
         decode_clip(b"\x00" * 1000, np.array([0.0]))
     with pytest.raises(DataError):
         decode_clip(long_vp9[:300], np.array([0.0, 1.0]), fps=24.0)
+
+
+def _with_title(data: bytes, title: bytes) -> bytes:
+    """The same video remuxed with a container title tag, then the tag's bytes replaced by
+    ``title`` (same length): a tag that is not UTF-8, as old cameras and muxers write."""
+    placeholder = "T" * len(title)
+    buf = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src, av.open(buf, "w", format="webm") as out:
+        out.metadata["title"] = placeholder
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    muxed = buf.getvalue()
+    assert muxed.count(placeholder.encode()) == 1
+    return muxed.replace(placeholder.encode(), title)
+
+
+def test_a_container_tag_that_is_not_utf8_does_not_make_the_video_unreadable(long_vp9):
+    """PyAV < 19 fails the open on such a tag unless told to ignore errors; PyAV 19 decodes
+    tags with surrogateescape and rejects the argument. Both must read the frames."""
+    from megavid.data.probe import probe_video as probe_for_shards
+
+    bad = _with_title(long_vp9, b"\xff\xfe\xfd\xfc\xfb\xfa")
+    if int(av.__version__.split(".")[0]) < 19:  # the failure the option exists for
+        with pytest.raises(UnicodeDecodeError):
+            av.open(io.BytesIO(bad))
+    ts = np.array([0.3, 1.1, 1.9])
+    np.testing.assert_array_equal(decode_clip(bad, ts, fps=24.0), full_decode(long_vp9)[[7, 26, 45]])
+    assert probe_video(bad)["num_frames"] == 48
+    assert probe_for_shards(bad).num_frames == 48  # make-shards' probe: not "unreadable"
