@@ -204,6 +204,10 @@ class DataConfig:
     backend: Literal["auto", "pyav", "dali", "decord"] = "auto"
     """Decode backend; 'decord' needs ``pip install megavid[decord]``; 'auto': see
     ``megavid info``."""
+    dali_device: Literal["auto", "cpu", "mixed"] = "auto"
+    """Where DALI decodes when it is the backend: 'mixed' (NVDEC / the hardware JPEG engines
+    and nvJPEG, batches land on the GPU), 'cpu' (DALI's CPU threads, batches in host memory),
+    'auto' (mixed on a CUDA machine, else cpu)."""
     num_frames: int = 0
     """Frames per clip (0: model.video.num_frames)."""
     img_size: int = 0

@@ -242,7 +242,7 @@ def get_dali_device(codec: str, requested: str = "auto") -> str:
         missing="data.backend=dali needs nvidia-dali: pip install 'megavid[dali]', or set "
                 "data.backend=pyav",
         no_gpu="DALI mixed (GPU) decoding needs a CUDA GPU; none is visible (check "
-               "CUDA_VISIBLE_DEVICES) or use data.backend=pyav")
+               "CUDA_VISIBLE_DEVICES) or set data.dali_device=cpu or data.backend=pyav")
     codec = codec.lower()
     if device == "cpu" and codec not in CPU_CODECS:
         raise DataError(
@@ -914,7 +914,7 @@ def build_dali_loader(
     world_size: int = 1,
     seed: int = 0,
     epoch: int = 0,
-    device: str = "auto",
+    device: str | None = None,
     quarantine: Quarantine | str | Path | None = None,
 ) -> "DaliLoader":
     """The DALI loader of a split: ``build_loader``'s signature plus DALI options.
@@ -932,10 +932,13 @@ def build_dali_loader(
         world_size: number of ranks.
         seed: run seed.
         epoch: first epoch.
-        device: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed'.
+        device: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed' (None:
+            ``data_cfg.dali_device``).
         quarantine: a :class:`Quarantine` or its JSON path (None: ``data_cfg.quarantine``).
     """
     from megavid.data.loader import get_split_spec, is_image_split
+
+    device = device or getattr(data_cfg, "dali_device", "auto")
     from megavid.data.shards import list_shards
 
     first = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0]
@@ -969,7 +972,7 @@ def get_image_decoder_device(requested: str = "auto", what: str = "images") -> s
         requested,
         missing=f"{what} need nvidia-dali for data.backend=dali: pip install 'megavid[dali]'",
         no_gpu="DALI mixed (GPU) JPEG decoding needs a CUDA GPU; none is visible (check "
-               "CUDA_VISIBLE_DEVICES) or use device='cpu'")
+               "CUDA_VISIBLE_DEVICES) or set data.dali_device=cpu")
 
 
 def one_batch_source(inputs: tuple) -> Callable[[Any], tuple]:

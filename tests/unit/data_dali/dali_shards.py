@@ -75,7 +75,7 @@ def data_cfg(shards: Path, **kw):
 
     values = dict(root=str(shards.parent), train=str(shards), val=str(shards), test=str(shards),
                   num_frames=4, img_size=32, batch_size=3, eval_batch_size=4, num_workers=0,
-                  max_text_len=16)
+                  max_text_len=16, dali_device="cpu")  # the GPU tests ask for device="mixed"
     values.update(kw)
     return DataConfig(**values)
 

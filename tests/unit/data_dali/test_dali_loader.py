@@ -260,9 +260,17 @@ def test_backend_choice_and_codec_errors(vp9_shards, h264_shards):
         get_dali_device("h264", "cpu")
     with pytest.raises(DataError, match="data.backend=pyav"):
         build_dali_loader(data_cfg(h264_shards), "train", train=True, device="cpu")
+    # data.dali_device picks the decoder (the tests pin "cpu"); asking for the GPU without
+    # one names the setting that fixes it
+    mixed = data_cfg(vp9_shards, dali_device="mixed")
     if not torch.cuda.is_available():
         with pytest.raises(DataError, match="CUDA"):
             get_dali_device("h264", "mixed")
+        with pytest.raises(DataError, match="data.dali_device=cpu"):
+            build_dali_loader(mixed, "train", train=True)
+    else:
+        assert build_dali_loader(mixed, "train", train=True).device == "mixed"
+    assert build_dali_loader(data_cfg(vp9_shards), "train", train=True).device == "cpu"
 
 
 def test_loader_built_through_build_loader(vp9_shards):

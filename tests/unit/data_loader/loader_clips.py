@@ -71,6 +71,7 @@ def sample_meta(i: int, captions: list[str] | None = None) -> dict:
 
 def data_config(root: Path, **kw) -> DataConfig:
     base = dict(name="shards", root=str(root), backend="pyav", num_frames=4, img_size=SIZE,
-                batch_size=3, eval_batch_size=5, num_workers=0, max_text_len=16)
+                batch_size=3, eval_batch_size=5, num_workers=0, max_text_len=16,
+                dali_device="cpu")
     base.update(kw)
     return DataConfig(**base)
