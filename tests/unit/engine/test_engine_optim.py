@@ -39,6 +39,20 @@ def test_backbone_lr_and_lr_scaling():
     assert get_lr_scale(OptimConfig(), 512) == 1.0
 
 
+def test_groups_put_odd_sized_parameters_last():
+    """Sizes that are multiples of 8 elements first, in model order, then the rest, largest
+    first: in a ZeRO flat buffer every evenly sized parameter then stays 16-byte aligned."""
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.zeros(1, 1))   # a temperature (2-D: one group)
+    model.b = torch.nn.Parameter(torch.zeros(4, 8))
+    model.c = torch.nn.Parameter(torch.zeros(1, 3))   # a 3-way head's bias
+    model.d = torch.nn.Parameter(torch.zeros(16, 2))
+    model.e = torch.nn.Parameter(torch.zeros(5, 3))
+    (group,) = build_param_groups(model, OptimConfig(weight_decay=0.0))
+    assert group["param_names"] == ["b", "d", "e", "c", "a"]
+    assert [id(p) for p in group["params"]] == [id(getattr(model, n)) for n in group["param_names"]]
+
+
 def test_frozen_parameters_are_left_out():
     model = ToyModel()
     model.stem.requires_grad_(False)
