@@ -11,6 +11,12 @@ and MLM masking: megavid.models.videolm.VideoLM's, with only the towers swapped)
   through megavid's engine ``build_engine`` (DeepSpeed ZeRO-2, pure bf16 weights on CUDA).
 - ``triton``: the same with ``model.kernel_impl=triton`` (fused kernels). Without CUDA the
   kernels fall back to their torch references; the output says which backend really ran.
+- ``bare``: megavid's model (``kernel_impl=torch``) in a plain loop, no DeepSpeed: pure bf16
+  weights on CUDA (fp32 on CPU), torch's fused AdamW. ``torch`` vs ``bare`` is what the engine
+  costs; ``bare`` vs ``transformers`` is what the towers cost. (Not in the default ``--impls``.)
+
+``--profile K`` adds, per measurement, torch.profiler's top K ops by self device time (CPU
+time without CUDA) over two more steps, to the printout and the markdown.
 
 Every measurement runs in its own subprocess (a CUDA OOM or a DeepSpeed engine leaves no
 state behind), with a batch list (``--batch 64,48,32``: the largest that fits wins) or an
@@ -52,6 +58,7 @@ IMPL_LABELS = {
     "transformers": "transformers TimesformerModel + BertLayer towers, {amp}, torch AdamW",
     "torch": "megavid unfused (kernel_impl=torch), DeepSpeed ZeRO-2 {prec}",
     "triton": "megavid fused (kernel_impl=triton), DeepSpeed ZeRO-2 {prec}",
+    "bare": "megavid unfused (kernel_impl=torch), plain loop, {prec}, torch AdamW",
 }
 
 
@@ -179,7 +186,7 @@ def build_cfg(a: dict, out_dir: str):
 
     return compose([
         f"model=timesformer_{a['size']}", "model.vtc_weight=1", "model.vtm_weight=1", "model.mlm_weight=1",
-        f"model.kernel_impl={'torch' if a['impl'] == 'transformers' else a['impl']}",
+        f"model.kernel_impl={'torch' if a['impl'] in ('transformers', 'bare') else a['impl']}",
         f"model.video.num_frames={a['frames']}", f"model.grad_checkpointing={a['ac']}",
         f"data.batch_size={a['batch']}", f"data.max_text_len={a['text_len']}",
         "train.zero_stage=2", f"train.precision={a['precision']}",
@@ -234,6 +241,22 @@ def worker(a: dict) -> dict:
 
                 fwd_model = model
                 res["backend"] = "transformers"
+            elif a["impl"] == "bare":
+                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a["precision"], torch.float32)
+                model = build_model(mc).to(device, dtype).train()
+                res["flops_per_sample"] = model.flops_per_sample(a["text_len"])
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+                batch = make_batch(a, mc, device, dtype)
+
+                def step() -> float:
+                    opt.zero_grad(set_to_none=True)
+                    out = model(*batch)
+                    out["loss"].backward()
+                    opt.step()
+                    return out["loss"].detach()
+
+                fwd_model = model
+                res["backend"] = "torch, no engine"
             else:
                 init_distributed(device_type=device.type)
                 model = build_model(mc)  # applies kernel_impl and grad_checkpointing
@@ -268,6 +291,8 @@ def worker(a: dict) -> dict:
                 times.append(time.perf_counter() - t0)
             res["losses"] = [float(x) for x in losses]
             res["times"] = times
+            if a.get("profile"):
+                res["profile"] = profile_steps(step, cuda, a["profile"])
             if cuda:
                 res["peak_bytes"] = torch.cuda.max_memory_allocated()
             else:
@@ -288,6 +313,21 @@ def worker(a: dict) -> dict:
         except torch.cuda.OutOfMemoryError:
             return {"args": a, "oom": True}
     return res
+
+
+def profile_steps(step: Any, cuda: bool, rows: int) -> str:
+    """torch.profiler's top ``rows`` ops by self device time (CPU time without CUDA) over two
+    steps, as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 def check_equivalence(size: str, text_len: int) -> float:
@@ -395,6 +435,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 CUDA / 1 CPU)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement subprocess")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="add torch.profiler's top K ops of each measurement (0: off)")
     ap.add_argument("--out", default=None, help="markdown result (default bench/results/model_step_<hw>_<size>_<prec>.md)")
     args = ap.parse_args()
     if args.worker:
@@ -422,7 +464,7 @@ def main() -> None:
     # the tiny config on CPU: checks the code paths agree, at no cost to the GPU run
     diff = check_equivalence("tiny", args.text_len)
     common = {"size": size, "text_len": args.text_len, "precision": precision, "device": args.device,
-              "steps": steps, "warmup": warmup, "threads": args.threads}
+              "steps": steps, "warmup": warmup, "threads": args.threads, "profile": args.profile}
     print(f"model_step: {size}, {hw}, {precision}; measuring (one subprocess per try):")
     results: list[tuple[str, dict]] = []
     for impl in impls:
@@ -466,6 +508,13 @@ def main() -> None:
             if impl == "transformers":
                 ref[r["args"]["frames"]] = clips
             lines.append(row)
+    profiles = [(impl, r) for impl, r in results + ac_results if r.get("profile")]
+    if profiles:
+        lines += ["", f"## Top {args.profile} ops by self {'device' if cuda else 'CPU'} time (2 steps)"]
+        for impl, r in profiles:
+            a = r["args"]
+            lines += ["", f"### {impl}, {a['frames']} frames, AC {'on' if a['ac'] else 'off'}, batch {a['batch']}",
+                      "", "```", r["profile"].rstrip(), "```"]
     lines += ["", f"wall time of the benchmark: {time.time() - t_start:.0f} s"]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
