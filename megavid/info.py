@@ -127,7 +127,12 @@ def check_shm(shm_bytes: int | None, workers: int) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Decode checks
 # --------------------------------------------------------------------------------------------
-def _test_frames(n: int = 8, size: int = 32) -> np.ndarray:
+# The decode checks' clip size: NVDEC decodes nothing smaller than 48x16 (H.264) or 128x128
+# (VP9), so a smaller clip makes the GPU checks fail on a GPU that works.
+CHECK_SIZE = 128
+
+
+def _test_frames(n: int = 8, size: int = CHECK_SIZE) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     frames = np.empty((n, size, size, 3), np.uint8)
     for t in range(n):
@@ -205,9 +210,10 @@ def check_dali(device: str, codec: str) -> CheckResult:
         video = _encode(codec)
         frames = [0, 4, 7]
         inputs = ([np.frombuffer(video, np.uint8)], [np.array(frames, np.int32)],
-                  [np.zeros(2, np.float32)], [np.full(2, 32.0, np.float32)],
+                  [np.zeros(2, np.float32)], [np.full(2, float(CHECK_SIZE), np.float32)],
                   [np.array(0, np.int32)])
-        pipe = dali.build_video_pipeline(dali.one_batch_source(inputs), batch_size=1, img_size=32,
+        pipe = dali.build_video_pipeline(dali.one_batch_source(inputs), batch_size=1,
+                                         img_size=CHECK_SIZE,
                                          device=device, prefetch=1)
         (out,) = pipe.run()
         got = dali.dali_to_torch(out).cpu().numpy()[0].transpose(0, 2, 3, 1)  # T, H, W, C
@@ -235,8 +241,9 @@ def check_dali_frames(device: str) -> CheckResult:
     try:
         jpegs = [encode_jpeg(f) for f in _test_frames(3)]
         inputs = ([np.frombuffer(j, np.uint8) for j in jpegs], [np.zeros(2, np.float32)] * 3,
-                  [np.full(2, 32.0, np.float32)] * 3, [np.array(0, np.int32)] * 3)
-        pipe = dali.build_frames_pipeline(dali.one_batch_source(inputs), batch_size=3, img_size=32,
+                  [np.full(2, float(CHECK_SIZE), np.float32)] * 3, [np.array(0, np.int32)] * 3)
+        pipe = dali.build_frames_pipeline(dali.one_batch_source(inputs), batch_size=3,
+                                          img_size=CHECK_SIZE,
                                           device=device, prefetch=1)
         (out,) = pipe.run()
         got = dali.dali_to_torch(out).cpu().numpy().transpose(0, 2, 3, 1)  # N, H, W, C
