@@ -131,6 +131,31 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, client_state: dict, 
     return tag
 
 
+def check_param_order(saved: dict | None, current: dict, model_order: dict, where: Path | str) -> None:
+    """Refuse a checkpoint whose optimizer state is in another parameter order.
+
+    DeepSpeed restores optimizer state (ZeRO's flat fp32 partitions, Adam moments) by position,
+    not by name: loaded in another order, every value lands in the wrong parameter, silently.
+
+    Args:
+        saved: the checkpoint's ``param_order`` (group -> names); None in checkpoints written
+            before megavid recorded it, whose groups were in model order.
+        current: this run's order (``megavid.engine.optim.get_param_order``).
+        model_order: ``current``'s groups in model order (``get_model_order``).
+        where: the checkpoint, for the message.
+
+    Raises:
+        CheckpointError: the orders differ.
+    """
+    if (saved if saved is not None else model_order) != current:
+        raise CheckpointError(
+            f"checkpoint {where} holds its optimizer state in another parameter order (written "
+            "by another model, or by a megavid that kept model order before odd-sized parameters "
+            "were moved last for alignment); convert it (megavid.engine.checkpoint."
+            "convert_to_universal: universal checkpoints map state by name) and --resume the "
+            "step_<N>_universal folder")
+
+
 def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep: tuple[str, ...] = ()) -> list[str]:
     """Delete all but the ``keep_last`` newest ``step_*`` tags (and their universal copies)."""
     tags = get_step_tags(ckpt_dir)

@@ -97,6 +97,19 @@ def build_param_groups(model: nn.Module, optim_cfg: OptimConfig, lr_scale: float
     return [groups[k] for k in order if k in groups]
 
 
+def get_param_order(model: nn.Module, optim_cfg: OptimConfig) -> dict[str, list[str]]:
+    """Parameter names of each optimizer group in the order the optimizer (and DeepSpeed's
+    flat ZeRO buffers) hold them: saved with every checkpoint, checked on resume."""
+    return {g["name"]: g["param_names"] for g in build_param_groups(model, optim_cfg)}
+
+
+def get_model_order(model: nn.Module, order: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``order``'s groups with their names in model order: how megavid grouped parameters
+    before the groups were ordered for alignment (checkpoints written then carry no order)."""
+    rank = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return {g: sorted(names, key=rank.__getitem__) for g, names in order.items()}
+
+
 # Elements per 16 bytes at 2 bytes per element: a parameter whose size is a multiple of this
 # keeps the next one 16-byte aligned in a flat bf16/fp16 buffer (and in fp32: 8 x 4 bytes).
 _ALIGN_ELEMENTS = 8

@@ -30,6 +30,7 @@ from torch import nn
 from megavid.config import Config, to_dict
 from megavid.engine import checkpoint as ckpt
 from megavid.engine import dist
+from megavid.engine.optim import get_model_order, get_param_order
 from megavid.engine.deepspeed_setup import build_engine, get_dtype, resolve_precision
 from megavid.engine.logging import MetricsLogger, get_env_info, save_run_files, setup_rank_logging
 from megavid.engine.throughput import ThroughputMeter, get_device_name, get_peak_tflops
@@ -192,6 +193,7 @@ class Trainer:
             "world_size": world_size,
             "global_batch_size": self.cfg.data.batch_size * self.cfg.train.grad_accum * world_size,
             "zero_stage": self.cfg.train.zero_stage,
+            "param_order": self._param_order,
         }
 
     def save(self, world_size: int) -> str | None:
@@ -244,6 +246,8 @@ class Trainer:
         else:
             self._universal = False
         self.engine, _, self.scheduler, ds_config = self._build_engine(model, world_size, total_steps, device)
+        self._param_order = get_param_order(model, cfg.optim)
+        self._model_order = get_model_order(model, self._param_order)
 
         flops = 0.0
         if hasattr(self.task, "flops_per_sample"):
@@ -339,6 +343,9 @@ class Trainer:
                 f"checkpoint {where[0] / where[1]} was trained with global batch {state['global_batch_size']}, "
                 f"this run has {gb} (data.batch_size x train.grad_accum x world size); set train.grad_accum so "
                 "they match, or start afresh with --overwrite")
+        if not self._universal:  # universal checkpoints map optimizer state by name
+            ckpt.check_param_order(state.get("param_order"), self._param_order, self._model_order,
+                                   where[0] / where[1])
         if state["world_size"] != world_size and not self._universal and state["zero_stage"] > 0:
             raise CheckpointError(
                 f"checkpoint {where[0] / where[1]} was written by {state['world_size']} ranks, this run has "

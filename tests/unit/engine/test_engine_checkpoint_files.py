@@ -66,3 +66,16 @@ def test_rng_round_trip():
     set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_a_checkpoint_in_another_parameter_order_is_refused():
+    from megavid.engine.checkpoint import check_param_order
+
+    current = {"new_no_decay": ["pos", "bias", "temp"]}
+    model_order = {"new_no_decay": ["temp", "pos", "bias"]}
+    check_param_order(current, current, model_order, "ckpt/step_3")  # written by this megavid
+    check_param_order(None, model_order, model_order, "ckpt/step_3")  # old, nothing moved
+    with pytest.raises(CheckpointError, match="convert_to_universal"):
+        check_param_order(None, current, model_order, "ckpt/step_3")  # old, groups reordered
+    with pytest.raises(CheckpointError, match="ckpt/step_3 holds its optimizer state in another"):
+        check_param_order({"new_no_decay": ["bias", "pos", "temp"]}, current, model_order, "ckpt/step_3")

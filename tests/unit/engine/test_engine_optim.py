@@ -10,7 +10,7 @@ from megavid_toy import ToyModel
 from megavid.config import OptimConfig
 from megavid.errors import ConfigError
 from megavid.engine.optim import (LRSchedule, build_optimizer, build_param_groups, build_scheduler,
-                                  get_lr_scale, get_warmup_steps)
+                                  get_lr_scale, get_model_order, get_param_order, get_warmup_steps)
 
 
 def _names(groups, name):
@@ -51,6 +51,10 @@ def test_groups_put_odd_sized_parameters_last():
     (group,) = build_param_groups(model, OptimConfig(weight_decay=0.0))
     assert group["param_names"] == ["b", "d", "e", "c", "a"]
     assert [id(p) for p in group["params"]] == [id(getattr(model, n)) for n in group["param_names"]]
+    # what a checkpoint records, and the model order that checkpoints written before held
+    order = get_param_order(model, OptimConfig(weight_decay=0.0))
+    assert order == {"new_decay": ["b", "d", "e", "c", "a"]}
+    assert get_model_order(model, order) == {"new_decay": ["a", "b", "c", "d", "e"]}
 
 
 def test_frozen_parameters_are_left_out():
