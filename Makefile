@@ -11,7 +11,16 @@ setup: $(STAMP)
 
 # torch comes from the local wheels this machine's pip is pinned to (torch==2.14.1,
 # torchvision==0.29.1); everything else is a normal PyPI install. Nothing downloads at run time.
+# A fresh .venv takes ~6.7 GiB (torch 2.14.1 is a CUDA build); say so before pip runs out of
+# space half way (a CI machine once had less free: "OSError: [Errno 28] No space left on device").
+NEED_KIB := 7340032
+
 $(STAMP): setup.py
+	@test -x $(PY) || { avail=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	  if [ "$$avail" -lt $(NEED_KIB) ]; then \
+	    echo "make: a new $(VENV) needs about 7 GiB (torch's CUDA build alone is 5.5 GiB) but" \
+	      "only $$((avail / 1048576)) GiB are free on $$(df -P . | awk 'NR==2 {print $$6}');" \
+	      "free some space and run make again" >&2; exit 1; fi; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
