@@ -34,6 +34,7 @@ size and precision.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -205,6 +206,21 @@ def make_batch(a: dict, mc: Any, device: torch.device, dtype: torch.dtype) -> tu
     return clip, ids.to(device), mask.to(device)
 
 
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple,
+               amp: Any = contextlib.nullcontext()) -> Any:
+    """One training step of ``model`` on ``batch`` with a plain torch optimizer (no engine)."""
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            out = model(*batch)
+        out["loss"].backward()
+        opt.step()
+        return out["loss"].detach()
+
+    return step
+
+
 def worker(a: dict) -> dict:
     """Build, warm up and time one configuration; returns the measurement (or {"oom": True})."""
     from megavid.engine.deepspeed_setup import build_engine
@@ -229,16 +245,8 @@ def worker(a: dict) -> dict:
                 model.set_grad_checkpointing(a["ac"])
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
                 batch = make_batch(a, mc, device, torch.float32)
-                amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-
-                def step() -> float:
-                    opt.zero_grad(set_to_none=True)
-                    with amp:
-                        out = model(*batch)
-                    out["loss"].backward()
-                    opt.step()
-                    return out["loss"].detach()
-
+                step = plain_step(model, opt, batch,
+                                  torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda))
                 fwd_model = model
                 res["backend"] = "transformers"
             elif a["impl"] == "bare":
@@ -247,14 +255,7 @@ def worker(a: dict) -> dict:
                 res["flops_per_sample"] = model.flops_per_sample(a["text_len"])
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
                 batch = make_batch(a, mc, device, dtype)
-
-                def step() -> float:
-                    opt.zero_grad(set_to_none=True)
-                    out = model(*batch)
-                    out["loss"].backward()
-                    opt.step()
-                    return out["loss"].detach()
-
+                step = plain_step(model, opt, batch)
                 fwd_model = model
                 res["backend"] = "torch, no engine"
             else:
