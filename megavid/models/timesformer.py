@@ -67,7 +67,16 @@ class Mlp(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Per-frame patch embedding: [B, T, C, H, W] -> [B*T, N, D]."""
+    """Per-frame patch embedding: [B, T, C, H, W] -> [B*T, N, D].
+
+    The parameters are a ``Conv2d``'s (kernel = stride = patch size: timm's, transformers' and
+    the checkpoints' layout), but the forward is the same product written as a matmul over the
+    cut-out patches. PyTorch 2.14's oneDNN bf16 convolution on CPUs with AMX returns wrong
+    values for this shape (cosine 0.01 with the fp32 result for 6 input channels, 16x16, 128
+    outputs, on a Xeon with amx_bf16; right on CPUs without AMX): a bf16 run trained through
+    it, and its fp32 evaluation then saw other features (the demo fell to chance). A matmul
+    runs the same on every CPU and GPU, and costs no more for non-overlapping patches.
+    """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -79,8 +88,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x_BTCHW: torch.Tensor) -> torch.Tensor:
         B, T, C, H, W = x_BTCHW.shape
-        x = self.proj(x_BTCHW.reshape(B * T, C, H, W))
-        return x.flatten(2).transpose(1, 2)
+        p = self.patch_size
+        gh, gw = H // p, W // p  # as the convolution: a remainder narrower than a patch is dropped
+        x = x_BTCHW[..., : gh * p, : gw * p].reshape(B * T, C, gh, p, gw, p)
+        # [B*T, gh, gw, C, p, p]: each patch flattened in the weight's (C, kh, kw) order
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(B * T, gh * gw, C * p * p)
+        return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Block(nn.Module):

@@ -142,3 +142,23 @@ def test_rgb_diff_channels_are_frame_differences_and_rgb_imports_unchanged() -> 
     by_hand = torch.stack([torch.zeros_like(x[:, 0])] + [x[:, t] - x[:, t - 1] for t in range(1, 3)], dim=1)
     with torch.no_grad():
         torch.testing.assert_close(diff_model(x)[0], plain(by_hand)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_chans", [3, 6])
+def test_patch_embed_in_bf16_is_the_convolution(in_chans: int) -> None:
+    """The patch embedding in bf16 (as DeepSpeed bf16 runs it) against an fp64 convolution of
+    the same bf16 values. torch 2.14's oneDNN bf16 conv2d on AMX CPUs gets this shape wrong
+    (cosine ~0.01 for 6 channels, 16x16 -> 128): PatchEmbed must not go through it."""
+    import torch.nn.functional as F
+
+    from megavid.models.timesformer import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(64, 16, in_chans, 128).to(torch.bfloat16)
+    x = torch.randn(2, 4, in_chans, 66, 64).to(torch.bfloat16)  # 2 rows past the last patch
+    ref = F.conv2d(x.reshape(8, in_chans, 66, 64).double(), pe.proj.weight.double(),
+                   pe.proj.bias.double(), stride=16).flatten(2).transpose(1, 2)
+    got = pe(x)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape == (8, 16, 128)
+    rel = ((got.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel  # bf16 rounding of the output: ~3e-3
