@@ -937,9 +937,9 @@ def build_dali_loader(
         quarantine: a :class:`Quarantine` or its JSON path (None: ``data_cfg.quarantine``).
     """
     from megavid.data.loader import get_split_spec, is_image_split
-
-    device = device or getattr(data_cfg, "dali_device", "auto")
     from megavid.data.shards import list_shards
+
+    device = device or data_cfg.dali_device
 
     first = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0]
     if is_image_split(data_cfg, split):

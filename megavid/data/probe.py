@@ -60,7 +60,7 @@ def _open(src: str | os.PathLike | bytes) -> av.container.InputContainer:
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise VideoProbeError(REASON_EMPTY, "0 bytes")
-        fobj: Any = bytes(src)
+        fobj: Any = src
     else:
         path = Path(src)
         if not path.is_file():

@@ -30,9 +30,9 @@ from torch import nn
 from megavid.config import Config, to_dict
 from megavid.engine import checkpoint as ckpt
 from megavid.engine import dist
-from megavid.engine.optim import get_model_order, get_param_order
 from megavid.engine.deepspeed_setup import build_engine, get_dtype, resolve_precision
 from megavid.engine.logging import MetricsLogger, get_env_info, save_run_files, setup_rank_logging
+from megavid.engine.optim import get_model_order, get_param_order
 from megavid.engine.throughput import ThroughputMeter, get_device_name, get_peak_tflops
 from megavid.errors import CheckpointError, ConfigError, MegavidError
 
