@@ -23,8 +23,13 @@ DALI has no per-sample error handling: one corrupt video fails the whole batch, 
 pipeline is unusable afterwards. :class:`DaliLoader` then decodes the failed batch's samples one
 by one in a 1-sample pipeline of the same kind, names each culprit (shard, key, DALI's message),
 adds it to a :class:`Quarantine` (a JSON file when ``data.quarantine`` or a path is given),
-rebuilds the pipeline and continues from its cursor; a quarantined sample is replaced by the
-sample at the next permutation position, exactly as the PyAV loader replaces a failed one.
+rebuilds the pipeline and prepares the batch again; a quarantined sample is replaced by the
+rule of the PyAV loader (:func:`megavid.data.loader.fill_rank_batch`: never a sample already in
+the global step or the batch, chosen deterministically from (seed, epoch, position)), so both
+backends give the same batches. Bad samples are counted and logged by the PyAV loader's rules
+(each distinct one once per epoch in ``failures``, logged once) when a batch that met them is
+handed out, not when DALI prefetches it; the quarantine (kept across epochs, and across runs
+when it is a file) spares decoding them again.
 
 The same loader reads frames shards (:class:`FramesDaliLoader`: T JPEGs per clip) and image
 shards (:class:`ImageDaliLoader`: one JPEG/PNG per sample, a 1-frame clip repeated to T) with
@@ -40,7 +45,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -54,6 +59,7 @@ from megavid.data.loader import (
     _SampleFailed,
     build_sample_table,
     choose_caption,
+    fill_rank_batch,
 )
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
 from megavid.data.text import build_tokenizer, tokenize
@@ -278,10 +284,14 @@ class Quarantine:
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"quarantine file {self.path} is not valid ({e}); delete it "
                                 "to start with an empty quarantine") from e
-        self._keys = {(s["shard"], s["key"]) for s in self.samples}
+        self._keys = {(s["shard"], s["key"]): s for s in self.samples}
 
     def __contains__(self, shard_key: tuple[str, str]) -> bool:
         return shard_key in self._keys
+
+    def get(self, shard: str, key: str) -> dict[str, str] | None:
+        """The record {"shard", "key", "reason", "detail"} of a quarantined sample, or None."""
+        return self._keys.get((shard, key))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -290,8 +300,9 @@ class Quarantine:
         """Record one bad sample (no-op if already there) and save."""
         if (shard, key) in self._keys:
             return
-        self._keys.add((shard, key))
-        self.samples.append({"shard": shard, "key": key, "reason": reason, "detail": detail})
+        record = {"shard": shard, "key": key, "reason": reason, "detail": detail}
+        self._keys[(shard, key)] = record
+        self.samples.append(record)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -615,6 +626,9 @@ class _Prepared:
     captions: list[str]
     plans: list[ClipPlan]
     encoded: list[np.ndarray]
+    failed: list[tuple[int, str, str]] = field(default_factory=list)
+    """(index, reason, detail) of every bad sample met while filling the batch (counted and
+    logged by ``VideoTextLoader._record_failures`` when the batch is handed out)."""
 
     def dali_inputs(self, sel: slice = slice(None)) -> tuple:
         plans = self.plans[sel]
@@ -655,8 +669,9 @@ class DaliLoader(VideoTextLoader):
 
     A sample that fails (unreadable member, bad JSON, no caption: found in Python; a video
     DALI cannot decode: found by re-decoding the failed batch one sample at a time) is
-    quarantined and replaced by the sample at the next permutation position, as the PyAV loader
-    does; ``data.max_consecutive_failures`` failures in a row raise :class:`DataError`.
+    quarantined and replaced by the PyAV loader's rule (``fill_rank_batch``), and counted in
+    ``failures`` once per epoch; ``data.max_consecutive_failures`` failures in a row raise
+    :class:`DataError`.
 
     Args:
         data_cfg: the ``data`` config section.
@@ -753,40 +768,36 @@ class DaliLoader(VideoTextLoader):
             raise _SampleFailed("bad_json", str(e)) from e
         return meta, choose_caption(meta, train=self.train, seed=self.seed, epoch=epoch, index=index)
 
-    def _fail(self, index: int, reason: str, detail: str) -> None:
+    def _known_bad(self, index: int) -> tuple[str, str] | None:
+        """(reason, detail) of a quarantined sample (this run's or a previous one's), else None."""
+        record = self.quarantine.get(*self._where(index))
+        return None if record is None else (record["reason"], record["detail"])
+
+    def _mark_bad(self, index: int, reason: str, detail: str) -> None:
+        """Quarantine a bad sample: never read or decoded again (counted and logged when a
+        batch that met it is handed out)."""
         shard, key = self._where(index)
         self.quarantine.add(shard, key, reason, detail)
-        self.failures[reason] += 1
-        logger.warning("DALI loader: quarantined sample %s of shard %s (%s: %s); failures so "
-                       "far: %s", key, shard, reason, detail[:200], dict(self.failures))
 
     def _prepare(self, epoch_plan: _EpochPlan, step: int) -> _Prepared:
         """This rank's part of step ``step`` of the pass ``epoch_plan``: the positions of
-        ``VideoTextLoader`` (``_BatchDataset``); quarantined or failing samples are replaced by
-        the next position of its ``perm`` (the epoch's permutation, or resampled draws)."""
-        n, g, b = self.num_samples, epoch_plan.global_batch, epoch_plan.batch_size
-        perm, start, epoch = epoch_plan.perm, epoch_plan.start, epoch_plan.epoch
-        first = start + step * g + epoch_plan.rank * b
-        size = b if self.train else max(0, min(b, n - (start + step * g)))
+        ``VideoTextLoader``, bad samples (quarantined, or failing in Python now) replaced by
+        the rule of :func:`megavid.data.loader.fill_rank_batch`, as in the PyAV loader. A sample
+        DALI cannot decode is found when the batch fails, quarantined, and the batch prepared
+        again: the same rule then replaces it, so the batch is the one PyAV's would be."""
         out = self._prepared_cls([], [], [], [], [], [])
-        for j in range(size):
-            pos = first + j
-            in_range = pos < n or epoch_plan.wrap
-            tries = 0
-            while True:
-                index = int(perm[(pos + tries) % len(perm)])
-                if self._where(index) not in self.quarantine:
-                    try:
-                        meta, caption, plan, encoded = self._load(index, epoch)
-                        break
-                    except _SampleFailed as e:
-                        self._fail(index, e.reason, str(e))
-                tries += 1
-                if tries >= n:
-                    raise DataError(f"every sample of split '{self.split}' failed or is "
-                                    f"quarantined ({self.quarantine.path or 'in memory'})")
+        try:
+            slots = fill_rank_batch(
+                epoch_plan, step, num_samples=self.num_samples, train=self.train,
+                seed=self.seed, load=lambda index: self._load(index, epoch_plan.epoch),
+                known_bad=self._known_bad, mark_bad=self._mark_bad, failed=out.failed,
+                max_failures=self.cfg.max_consecutive_failures, where=self._where)
+        except DataError:
+            self._record_failures(out.failed)  # the abort's culprits are counted and logged
+            raise
+        for index, valid, (meta, caption, plan, encoded) in slots:
             out.indices.append(index)
-            out.valid.append(in_range and (self.train or tries == 0))
+            out.valid.append(valid)
             out.metas.append(meta)
             out.captions.append(caption)
             out.plans.append(plan)
@@ -836,7 +847,7 @@ class DaliLoader(VideoTextLoader):
                     continue
                 problem = self._decode_alone(p, j)
                 if problem is not None:
-                    self._fail(index, "decode_error", problem)
+                    self._mark_bad(index, "decode_error", problem)
                     found += 1
             if found:
                 return found  # the earliest failing batch is the one DALI reported
@@ -876,6 +887,7 @@ class DaliLoader(VideoTextLoader):
                         break  # rebuild the pipeline at `step`, without the culprits
                     with lock:
                         p = prepared.pop(step)
+                    self._record_failures(p.failed)
                     consecutive = 0
                     clip = self._to_clip(video, p)
                     step += 1

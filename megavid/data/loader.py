@@ -41,12 +41,39 @@ Per-sample randomness (frame offsets, caption choice, crop/flip) comes from
 worker, rank, world size and decode backend.
 
 Faults: a sample whose members cannot be read, whose JSON is malformed, that has no caption, or
-whose video does not decode is skipped, counted by reason, logged (rate-limited) with its shard
-and key, and replaced by the sample at the next permutation position (deterministic; that sample
-then appears twice this epoch; in eval the stand-in is marked invalid).
-``data.max_consecutive_failures`` failures in a row abort with a :class:`DataError` naming the
-shard. Workers send their failure counts to the main process inside each batch; the loader sums
-them in ``loader.failures``.
+whose video does not decode is *bad*: it is skipped and its slot is filled by a replacement
+(:func:`fill_rank_batch`, shared by every backend). The rule, for the sample at position p of
+the global step [s, s+G) (slot q = p - s):
+
+* Candidates come first from the positions s + q + k*G (mod the permutation length L) with
+  k = 1 + (k0 + t) mod (L//G - 1), t = 0, 1, ..., and k0 drawn from
+  ``np.random.default_rng([seed, 2, epoch, p])`` (:func:`replacement_order`): never a
+  position of the current global step, and two slots of one step (of any rank) never share a
+  position, so a replacement is not in the step on any rank (when L >= 2G). Then every sample
+  index, from one drawn from the same generator on, still skipping the step; only a split too
+  small for that (fewer good samples outside the step than bad ones in it) falls back to
+  another rank's sample of the step, and last to a repeat within the rank's batch.
+* A candidate that is bad, or already in the rank's batch, is skipped. Whether a sample is bad
+  depends on (seed, epoch, index) only (its frames are drawn from them; a transient read error
+  is the exception), so the batch depends neither on the workers, their timing, nor on which
+  worker already knew a sample was bad: workers remember the bad samples they met this pass
+  and do not decode them again, which only saves time. A replacement is decoded with its own
+  (seed, epoch, index) draws (it then appears twice in the epoch, in different steps); in
+  eval it is marked invalid.
+* ``data.max_consecutive_failures`` bad samples in a row for one slot (the sample and its
+  replacement candidates) abort with a :class:`DataError` naming the shard.
+
+Counting: workers report every bad sample they meet with its reason; the main process keeps the
+set of distinct bad sample indices of the current epoch (of the pass, for eval) and counts each
+once in ``loader.failures`` (Counter reason -> n). ``failures`` is cumulative over the loader's
+life: a bad sample counts once in every epoch that meets it (at its position, or as a
+replacement candidate), so after one full train epoch it equals the epoch's distinct bad
+samples by reason. A loader built on resume starts again from zero (it is not in the
+state_dict). Each bad sample is logged once per loader ("skipped sample KEY in shard S
+(reason: detail); N distinct bad samples so far this epoch: {...}"; the first _LOG_SAMPLES,
+then a count every _LOG_EVERY), and every pass that met bad samples ends with a summary line.
+Resampled mode keeps its draws as they are (with replacement, so a batch may hold a sample
+twice by design); only replacements follow the rule.
 """
 
 from __future__ import annotations
@@ -76,8 +103,8 @@ from megavid.errors import ConfigError, DataError
 logger = logging.getLogger("megavid.data")
 
 SPLITS = ("train", "val", "test")
-_LOG_FIRST = 10  # failures logged individually, then one line every _LOG_EVERY
-_LOG_EVERY = 100
+_LOG_SAMPLES = 1000  # distinct bad samples logged one by one, then one line every _LOG_EVERY
+_LOG_EVERY = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +267,128 @@ class _EpochPlan:
     wrap: bool  # positions >= N wrap around (train without drop_last)
 
 
+class _TooManyFailures(DataError):
+    """``data.max_consecutive_failures`` bad samples in a row for one slot (or none good)."""
+
+
+def replacement_order(plan: _EpochPlan, step_start: int, slot: int, seed: int,
+                      num_samples: int) -> Iterator[int]:
+    """The candidate indices that may replace the bad sample at global slot ``slot`` of the
+    global step whose first position is ``step_start`` (module docstring, "Faults"), in order.
+
+    First the positions ``step_start + slot + k*G`` (mod L = len(plan.perm)) for k = 1..L//G-1,
+    walked from a k drawn from (seed, epoch, failed position): outside the current step, and
+    disjoint between the slots of a step. Then every sample index, from one drawn from the same
+    generator on. The caller skips candidates that are bad or already taken; an index may come
+    twice (once from each part).
+    """
+    perm, g = plan.perm, plan.global_batch
+    length = len(perm)
+    rng = np.random.default_rng([int(seed), 2, int(plan.epoch), int(step_start + slot)])
+    m = length // g - 1
+    if m > 0:
+        k0 = int(rng.integers(m))
+        for t in range(m):
+            yield int(perm[(step_start + slot + (1 + (k0 + t) % m) * g) % length])
+    i0 = int(rng.integers(num_samples))
+    for t in range(num_samples):
+        yield (i0 + t) % num_samples
+
+
+def fill_rank_batch(plan: _EpochPlan, step: int, *, num_samples: int, train: bool, seed: int,
+                    load: Callable[[int], Any],
+                    known_bad: Callable[[int], tuple[str, str] | None],
+                    mark_bad: Callable[[int, str, str], None],
+                    failed: list[tuple[int, str, str]], max_failures: int,
+                    where: Callable[[int], tuple[str, str]]) -> list[tuple[int, bool, Any]]:
+    """This rank's part of global step ``step`` of ``plan``, bad samples replaced (module
+    docstring, "Faults"; every backend builds its batches with it).
+
+    Args:
+        plan: the pass.
+        step: the step of the pass.
+        num_samples: N (the split's samples).
+        train: train (replacements valid) or eval (replacements marked invalid, and a short
+            last step).
+        seed: the run seed (replacement draws).
+        load: index -> the loaded sample; raises ``_SampleFailed`` for a bad one.
+        known_bad: index -> (reason, detail) when the sample is already known to be bad (then
+            it is not loaded again), else None. Only saves work: the result does not depend on it.
+        mark_bad: called with (index, reason, detail) when ``load`` fails.
+        failed: gets (index, reason, detail) of every bad sample met (repeats included: the
+            main process dedupes).
+        max_failures: ``data.max_consecutive_failures``.
+        where: index -> (shard file name, key), for messages.
+
+    Returns:
+        [(index, valid, loaded)] for the rank's slots, in order.
+
+    Raises:
+        _TooManyFailures: ``max_failures`` bad samples in a row for one slot, or no good one.
+    """
+    n, g, b = num_samples, plan.global_batch, plan.batch_size
+    length = len(plan.perm)
+    step_start = plan.start + step * g
+    first = step_start + plan.rank * b
+    size = b if train else max(0, min(b, n - step_start))
+    out: list[tuple[int, bool, Any]] = []
+    taken: set[int] = set()  # indices in this rank's batch so far
+    in_step: set[int] | None = None
+
+    for j in range(size):
+        pos = first + j
+        in_range = pos < n or plan.wrap
+        tried: set[int] = set()  # bad candidates of this slot (not counted twice)
+
+        def attempt(index: int) -> tuple[bool, Any]:
+            bad = known_bad(index)
+            if bad is None:
+                try:
+                    return True, load(index)
+                except _SampleFailed as e:
+                    bad = (e.reason, str(e)[:300])
+                    mark_bad(index, *bad)
+            failed.append((index, *bad))
+            tried.add(index)
+            if len(tried) >= max_failures:
+                shard, key = where(index)
+                raise _TooManyFailures(
+                    f"{len(tried)} samples in a row failed to load for one batch slot (the "
+                    f"sample and its replacements; last: shard {shard}, key {key}: {bad[0]}: "
+                    f"{bad[1][:200]}); check the shards with `megavid verify-shards` and "
+                    "re-create them, or raise data.max_consecutive_failures")
+            return False, None
+
+        index = int(plan.perm[pos % length])
+        ok, loaded = attempt(index)
+        valid = in_range
+        if not ok:
+            valid = in_range and train  # an eval stand-in would count another sample twice
+            if in_step is None:
+                in_step = {int(plan.perm[p % length]) for p in range(step_start, step_start + g)}
+            # strictest first: outside the step (every rank) and the batch; outside the
+            # batch; anything good (a split with fewer good samples than the batch needs)
+            for strict in (2, 1, 0):
+                for cand in replacement_order(plan, step_start, pos - step_start, seed, n):
+                    if cand in tried or (strict >= 1 and cand in taken) or (
+                            strict == 2 and cand in in_step):
+                        continue
+                    ok, loaded = attempt(cand)
+                    if ok:
+                        index = cand
+                        break
+                if ok:
+                    break
+            if not ok:
+                shard, key = where(index)
+                raise _TooManyFailures(f"no sample of the split loads (last: shard {shard}, "
+                                       f"key {key}); check the shards with `megavid "
+                                       "verify-shards` and re-create them")
+        taken.add(index)
+        out.append((index, valid, loaded))
+    return out
+
+
 class _BatchDataset(Dataset):
     """Map-style dataset whose item i is this rank's i-th batch of the pass."""
 
@@ -252,6 +401,7 @@ class _BatchDataset(Dataset):
         self.seed = seed
         self.decode_fn = decode_fn
         self._files: dict[int, int] = {}  # tar_id -> fd, opened lazily in each worker
+        self._bad: dict[int, tuple[str, str]] = {}  # index -> (reason, detail), this pass
         self.tokenizer = tokenizer
 
     def __len__(self) -> int:
@@ -326,44 +476,22 @@ class _BatchDataset(Dataset):
         return clip, caption, meta
 
     # -- batches ----------------------------------------------------------------------------
+    def _where(self, index: int) -> tuple[str, str]:
+        return os.path.basename(self.table.tars[self.table.tar_id[index]]), self.table.keys[index]
+
     def __getitem__(self, step: int) -> dict[str, Any]:
-        plan, n = self.plan, len(self.table)
-        first = plan.start + step * plan.global_batch + plan.rank * plan.batch_size
-        if self.train:
-            size = plan.batch_size
-        else:  # eval: every rank pads to rank 0's part of this step (rank 0's is the largest)
-            size = max(0, min(plan.batch_size, n - (plan.start + step * plan.global_batch)))
-        videos, captions, keys, metas, valid, indices = [], [], [], [], [], []
-        failures: Counter = Counter()
-        failed: list[tuple[str, str, str, str]] = []
-        for j in range(size):
-            pos = first + j
-            in_range = pos < n or plan.wrap
-            tries = 0
-            while True:
-                index = int(plan.perm[(pos + tries) % len(plan.perm)])
-                try:
-                    clip, cap, meta = self.load_sample(index, plan.epoch)
-                    break
-                except _SampleFailed as e:
-                    shard = os.path.basename(self.table.tars[self.table.tar_id[index]])
-                    failures[e.reason] += 1
-                    failed.append((e.reason, shard, self.table.keys[index], str(e)[:200]))
-                    tries += 1
-                    if tries >= self.cfg.max_consecutive_failures or tries >= n:
-                        return {"_abort": (
-                            f"{tries} consecutive samples failed to load (last: shard {shard}, "
-                            f"key {self.table.keys[index]}: {e.reason}: {str(e)[:200]}); check "
-                            "the shards with `megavid verify-shards` and re-create them, or "
-                            "raise data.max_consecutive_failures"), "_failures": dict(failures),
-                            "_failed": failed}
-            videos.append(clip)
-            captions.append(cap)
-            keys.append(self.table.keys[index])
-            metas.append(meta)
-            indices.append(index)
-            # an eval stand-in for a failed sample would count another sample twice
-            valid.append(in_range and (self.train or tries == 0))
+        plan = self.plan
+        failed: list[tuple[int, str, str]] = []
+        try:
+            slots = fill_rank_batch(
+                plan, step, num_samples=len(self.table), train=self.train, seed=self.seed,
+                load=lambda index: self.load_sample(index, plan.epoch),
+                known_bad=self._bad.get, mark_bad=self._mark_bad, failed=failed,
+                max_failures=self.cfg.max_consecutive_failures, where=self._where)
+        except _TooManyFailures as e:
+            return {"_abort": str(e), "_failed": failed}
+        videos = [clip for _, _, (clip, _, _) in slots]
+        captions = [cap for _, _, (_, cap, _) in slots]
         input_ids, attention_mask = tokenize(self.tokenizer, captions, self.cfg.max_text_len)
         if videos:
             video = torch.stack(videos)
@@ -371,10 +499,15 @@ class _BatchDataset(Dataset):
             video = torch.zeros((0, self.cfg.num_frames, 3, self.cfg.img_size, self.cfg.img_size),
                                 dtype=torch.uint8)
         return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask,
-                "captions": captions, "keys": keys, "meta": metas,
-                "valid": torch.tensor(valid, dtype=torch.bool),
-                "indices": torch.tensor(indices, dtype=torch.int64),
-                "_failures": dict(failures), "_failed": failed}
+                "captions": captions, "keys": [self.table.keys[i] for i, _, _ in slots],
+                "meta": [meta for _, _, (_, _, meta) in slots],
+                "valid": torch.tensor([v for _, v, _ in slots], dtype=torch.bool),
+                "indices": torch.tensor([i for i, _, _ in slots], dtype=torch.int64),
+                "_failed": failed}
+
+    def _mark_bad(self, index: int, reason: str, detail: str) -> None:
+        # this worker's memory of the pass's bad samples (not decoded again; a cache only)
+        self._bad[index] = (reason, detail)
 
     def __del__(self) -> None:
         for fd in self._files.values():
@@ -436,7 +569,12 @@ class VideoTextLoader:
         self.tokenizer = _get_tokenizer(data_cfg.tokenizer)
         self.batch_size = data_cfg.batch_size if train else data_cfg.eval_batch_size
         self.failures: Counter = Counter()
-        self._logged = 0
+        """Bad samples skipped, by reason: each distinct bad sample once per epoch that met it,
+        cumulative over this loader's life (module docstring, "Counting")."""
+        self._epoch_bad: dict[int, str] = {}  # index -> reason: distinct bad samples this epoch
+        self._epoch_failures: Counter = Counter()  # the same, by reason
+        self._bad_epoch: int | None = None  # the epoch _epoch_bad belongs to
+        self._logged: set[int] = set()  # bad samples logged (once per loader)
         n, g = len(table), self.global_batch
         if train and data_cfg.drop_last and not data_cfg.resampled and n < g:
             raise DataError(
@@ -520,13 +658,50 @@ class VideoTextLoader:
             steps=self._steps_from(self.cursor), global_batch=self.global_batch,
             batch_size=self.batch_size, rank=self.rank, wrap=self._wrap)
 
-    def _record(self, batch: dict[str, Any]) -> None:
-        self.failures.update(batch.pop("_failures"))
-        for reason, shard, key, detail in batch.pop("_failed"):
-            self._logged += 1
-            if self._logged <= _LOG_FIRST or self._logged % _LOG_EVERY == 0:
-                logger.warning("skipped sample %s in shard %s (%s: %s); %d skipped so far: %s",
-                               key, shard, reason, detail, self._logged, dict(self.failures))
+    @property
+    def epoch_failures(self) -> Counter:
+        """The current epoch's (eval: pass's) distinct bad samples, by reason."""
+        return Counter(self._epoch_failures)
+
+    def _begin_pass(self, plan: _EpochPlan) -> None:
+        """A pass from the start of an epoch (or another epoch, or a resampled chunk) starts a
+        new set of the epoch's bad samples; a pass that continues an epoch keeps it."""
+        if plan.start == 0 or plan.epoch != self._bad_epoch:
+            self._bad_epoch = plan.epoch
+            self._epoch_bad = {}
+            self._epoch_failures = Counter()
+
+    def _record_failures(self, failed: list[tuple[int, str, str]]) -> None:
+        """Count and log the bad samples a batch met: each distinct one once per epoch (the
+        workers report every meeting, and several workers may meet the same sample)."""
+        for index, reason, detail in failed:
+            index = int(index)
+            if index in self._epoch_bad:
+                continue
+            self._epoch_bad[index] = reason
+            self._epoch_failures[reason] += 1
+            self.failures[reason] += 1
+            if index in self._logged:
+                continue  # logged in an earlier epoch (the pass's summary counts it)
+            self._logged.add(index)
+            shard = os.path.basename(self.table.tars[int(self.table.tar_id[index])])
+            nth = len(self._logged)
+            if nth <= _LOG_SAMPLES:
+                logger.warning("skipped sample %s in shard %s (%s: %s); %d distinct bad samples "
+                               "so far this epoch: %s", self.table.keys[index], shard, reason,
+                               detail[:200], len(self._epoch_bad), dict(self._epoch_failures))
+            elif nth % _LOG_EVERY == 0:
+                logger.warning("%d distinct bad samples so far this epoch: %s (lines per sample "
+                               "stop after %d; `megavid verify-shards` lists them all)",
+                               len(self._epoch_bad), dict(self._epoch_failures), _LOG_SAMPLES)
+
+    def _log_pass_summary(self, plan: _EpochPlan) -> None:
+        if self._epoch_bad:
+            logger.warning("%s pass over epoch %d of split '%s' done: %d distinct bad samples "
+                           "skipped and replaced this epoch: %s; total over this loader's "
+                           "epochs: %s", "train" if self.train else "eval", plan.epoch,
+                           self.split, len(self._epoch_bad), dict(self._epoch_failures),
+                           dict(self.failures))
 
     def _resampled_plan(self) -> _EpochPlan:
         """Resampled (infinite) mode's plan from the cursor (= global steps taken): global step
@@ -557,7 +732,7 @@ class VideoTextLoader:
         # The DataLoader hands item i to worker i % nw and yields items in index order (its
         # default in-order delivery), so the batch sequence never depends on worker timing.
         for batch in loader:
-            self._record(batch)
+            self._record_failures(batch.pop("_failed"))
             if "_abort" in batch:
                 raise DataError(batch["_abort"])
             yield batch
@@ -565,19 +740,24 @@ class VideoTextLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._resampled:  # never ends: one nominal epoch (chunk) after another
             while True:
-                for batch in self._iter_plan(self._resampled_plan()):
+                plan = self._resampled_plan()
+                self._begin_pass(plan)
+                for batch in self._iter_plan(plan):
                     self.cursor += 1
                     yield batch
+                self._log_pass_summary(plan)
         plan = self._plan()
         if plan.steps == 0:
             self._end_of_pass()
             return
+        self._begin_pass(plan)
         n = self.num_samples
         for step, batch in enumerate(self._iter_plan(plan)):
             self.cursor = plan.start + (step + 1) * plan.global_batch
             if not plan.wrap:
                 self.cursor = min(self.cursor, n)
             yield batch
+        self._log_pass_summary(plan)
         self._end_of_pass()
 
     def _end_of_pass(self) -> None:
