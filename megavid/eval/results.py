@@ -114,11 +114,23 @@ def _jsonable(value: Any) -> Any:
     return str(value)  # paths, enums
 
 
+def _checkpoint_step(path: Path) -> int | None:
+    """The training step of an evaluated checkpoint (None when it does not say)."""
+    from megavid.engine.checkpoint import checkpoint_step
+
+    try:
+        return checkpoint_step(path)
+    except CheckpointError:
+        return None
+
+
 def write_results(
     path: str | os.PathLike[str],
     metrics: Mapping[str, Any],
     cfg_dict: Mapping[str, Any] | Any,
     checkpoint_path: str | os.PathLike[str] | None,
+    *,
+    step: int | None = None,
 ) -> dict[str, Any]:
     """Write the results JSON of one evaluation (atomically: a crash never leaves half a file).
 
@@ -128,9 +140,11 @@ def write_results(
         cfg_dict: the resolved config (a dict, or the Config dataclass itself).
         checkpoint_path: the checkpoint evaluated (file or DeepSpeed checkpoint folder), or
             None for a model that was never trained (a random-init baseline): recorded as null.
+        step: the checkpoint's training step; by default read from the checkpoint (its
+            ``step_<N>`` tag, or the source an exported file records); null when unknown.
 
     Returns:
-        The written document: ``{"metrics", "checkpoint": {"path", "sha256", "kind"},
+        The written document: ``{"metrics", "checkpoint": {"path", "sha256", "kind", "step"},
         "config", "versions", "created"}``.
     """
     checkpoint = None
@@ -140,6 +154,7 @@ def write_results(
             "path": str(ckpt.resolve()),
             "sha256": file_sha256(ckpt),
             "kind": "directory" if ckpt.is_dir() else "file",
+            "step": step if step is not None else _checkpoint_step(ckpt),
         }
     doc = {
         "metrics": _jsonable(dict(metrics)),

@@ -1,9 +1,11 @@
 """Weight import: HF BertModel, timm ViT (inflated), HF / original TimeSformer, BLIP / ALPRO.
 
-Every load is strict: tensors are converted to our keys by the family's
-``checkpoint_filter_fn``, then
+Files are read without executing anything in them (safetensors, or torch pickles through
+:func:`megavid.engine.checkpoint.safe_load`: tensors and plain data only). Every load is strict:
+tensors are converted to our keys by the family's ``checkpoint_filter_fn``, then
 
-- a shape mismatch raises :class:`CheckpointError` listing every mismatched key;
+- a shape mismatch raises :class:`CheckpointError` naming the first mismatched keys (and
+  counting the rest);
 - missing keys raise unless they match the caller's ``allow_missing`` prefixes (layers that are
   new by design, e.g. the cross-attention of fusion layers initialised from a plain BERT);
 - unexpected keys raise unless ``strict=False``.
@@ -61,7 +63,10 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def _short(keys: list[str], n: int = 6) -> str:
+_NAMED = 6  # keys named in a message; the rest are counted
+
+
+def _short(keys: list[str], n: int = _NAMED) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
@@ -93,11 +98,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd: Any = load_file(str(p))
         else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            from megavid.engine.checkpoint import safe_load
+
+            sd = safe_load(p)  # never unpickles anything but tensors and plain data
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from e
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {first[:240]}") from None
     for _ in range(2):  # e.g. {"model": {"module": {...}}}
         if isinstance(sd, dict):
             for k in _WRAPPER_KEYS:
@@ -139,9 +147,10 @@ def load_converted(
         if k in target and tuple(v.shape) != tuple(target[k].shape)
     ]
     if mismatched:
+        more = f"; and {len(mismatched) - _NAMED} more" if len(mismatched) > _NAMED else ""
         raise CheckpointError(
             f"{source} does not fit the model: {len(mismatched)} tensors have other shapes "
-            f"({'; '.join(mismatched)}); set the model config to the checkpoint's sizes"
+            f"({'; '.join(mismatched[:_NAMED])}{more}); set the model config to the checkpoint's sizes"
         )
     report.missing = sorted(k for k in target if k not in state_dict)
     report.unexpected = sorted(k for k in state_dict if k not in target)

@@ -192,7 +192,7 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
         new_heads: key prefixes of task heads the checkpoint may lack (kept at their init);
             every other missing or unexpected key is an error.
     """
-    from megavid.engine.checkpoint import load_model_state
+    from megavid.engine.checkpoint import load_model_state, load_state_strict
     from megavid.models.timesformer import resize_time_embed
 
     state = load_model_state(path)
@@ -218,7 +218,7 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
         log.info("%s has no %s: initialised fresh for this task", path,
                  ", ".join(sorted({k.split(".")[0] for k in fresh})))
         state = {**state, **{k: v for k, v in model.state_dict().items() if k in fresh}}
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, path)  # another model size: one line, first keys named
 
 
 def load_initial_weights(model: nn.Module, cfg: Config) -> None:

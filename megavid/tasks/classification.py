@@ -383,15 +383,17 @@ def _device() -> torch.device:
 
 
 def resolve_eval_checkpoint(cfg: Config, resume: str | None, *, allow_random: bool = False) -> str | None:
-    """The checkpoint an evaluation job uses: ``--resume``, ``eval.checkpoint``, or the run's
-    latest. ``eval.checkpoint=random`` (where ``allow_random``) evaluates a randomly initialised
-    model (seeded by ``run.seed``) and returns None.
+    """The checkpoint an evaluation job uses: ``--resume``, ``eval.checkpoint`` (a run directory
+    means its newest weights), or the run's newest weights (a stale export is re-exported).
+    ``eval.checkpoint=random`` (where ``allow_random``) evaluates a randomly initialised model
+    (seeded by ``run.seed``) and returns None.
     """
-    from megavid.engine.checkpoint import find_checkpoint
+    from megavid.engine.checkpoint import find_checkpoint, select_checkpoint
 
     if allow_random and (resume or cfg.eval.checkpoint) == "random":
         return None
-    ckpt = resume or cfg.eval.checkpoint or find_checkpoint(cfg.run_dir)
+    named = resume or cfg.eval.checkpoint
+    ckpt = select_checkpoint(named).path if named else find_checkpoint(cfg.run_dir)
     if not ckpt:
         raise CheckpointError(
             f"no checkpoint to evaluate in {cfg.run_dir}; train first or pass "
@@ -404,13 +406,13 @@ def resolve_eval_checkpoint(cfg: Config, resume: str | None, *, allow_random: bo
 
 def load_videolm(cfg: Config, task: VideoTextTask, ckpt: str | None) -> nn.Module:
     """A VideoLM in eval mode on the task's device, with the checkpoint's weights (strict)."""
-    from megavid.engine.checkpoint import load_model_state
+    from megavid.engine.checkpoint import load_model_state, load_state_strict
     from megavid.engine.trainer import seed_everything
 
     seed_everything(cfg.run.seed)  # the random-init baseline is reproducible
     model = task.build_model()
     if ckpt is not None:
-        model.load_state_dict(load_model_state(ckpt), strict=True)
+        load_state_strict(model, load_model_state(ckpt), ckpt)
     return model.to(task.device).eval()
 
 
@@ -432,7 +434,7 @@ def run_finetune_cls(cfg: Config, *, overwrite: bool = False, resume: str | None
         overwrite: start afresh in an existing run directory.
         resume: resume training from this checkpoint.
     """
-    from megavid.engine.checkpoint import find_checkpoint, load_model_state
+    from megavid.engine.checkpoint import find_checkpoint, load_model_state, load_state_strict
     from megavid.engine.dist import get_rank
     from megavid.engine.trainer import Trainer
     from megavid.eval.results import write_results
@@ -445,7 +447,7 @@ def run_finetune_cls(cfg: Config, *, overwrite: bool = False, resume: str | None
     if ckpt is None:  # debug runs write no checkpoint
         return {"train": summary}
     model = task.build_model()
-    model.load_state_dict(load_model_state(ckpt), strict=True)
+    load_state_strict(model, load_model_state(ckpt), ckpt)
     model.to(task.device).eval()
     task.dtype = torch.float32
     logits, y, keys = task.predict(model, cfg.eval.split)

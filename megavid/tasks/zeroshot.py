@@ -223,8 +223,9 @@ def format_report(result: dict[str, Any]) -> str:
 
 def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
     """`megavid eval-zeroshot`: evaluates a checkpoint (eval.checkpoint, --resume, or the run's
-    latest) on ``eval.split`` and writes ``<run_dir>/eval/zeroshot_<split>.json``."""
-    from megavid.engine.checkpoint import find_checkpoint
+    newest weights) on ``eval.split`` and writes ``<run_dir>/eval/zeroshot_<split>.json``, which
+    records the checkpoint's path, hash and training step."""
+    from megavid.engine.checkpoint import select_checkpoint
     from megavid.engine.dist import get_world_info, init_distributed
     from megavid.eval.results import write_results
     from megavid.tasks import get_task
@@ -232,13 +233,19 @@ def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | Non
     from megavid.tasks.pretrain import check_data
 
     check_data(cfg, cfg.eval.split)
-    ckpt = resume or cfg.eval.checkpoint or find_checkpoint(cfg.run_dir)
-    if not ckpt:
+    info = get_world_info()
+    named = resume or cfg.eval.checkpoint
+    if not named and not any(Path(cfg.run_dir, n).exists() for n in ("checkpoints", "model_fp32.pt")):
         raise CheckpointError(
             f"no checkpoint to evaluate in {cfg.run_dir}; train first (megavid pretrain ...) "
             "or pass eval.checkpoint=PATH"
         )
-    info = get_world_info()
+    # the newest weights of a run (a stale export is re-exported), or exactly the one named
+    selected = select_checkpoint(named or cfg.run_dir)
+    ckpt = selected.path
+    if info.rank == 0:
+        step = "an unrecorded step" if selected.step is None else f"step {selected.step}"
+        print(f"evaluating {ckpt} ({step})" + (f"; {selected.note}" if selected.note else ""))
     if info.world_size > 1:
         init_distributed()
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -265,7 +272,7 @@ def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | Non
     }
     if info.rank == 0:
         out = Path(cfg.run_dir) / "eval" / f"zeroshot_{cfg.eval.split}.json"
-        write_results(out, result, to_dict(cfg), ckpt)
+        write_results(out, result, to_dict(cfg), ckpt, step=selected.step)
         print(format_report(result))
         print(f"results: {out}")
     return result
