@@ -74,6 +74,9 @@ LEGACY_RNG_GLOBALS = (
 )
 ALLOWED_GLOBALS = frozenset(DEEPSPEED_GLOBALS + LEGACY_RNG_GLOBALS)
 """Globals a checkpoint may name beyond torch's default ``weights_only`` allow-list."""
+# classes never named in a pickle but built by an allowed global (numpy.dtype('u4') is a
+# UInt32DType, which torch's unpickler must also accept before it sets its state)
+_IMPLIED = {"numpy.dtype": ("numpy.dtypes.UInt32DType",)}
 
 # names of files DeepSpeed and torch loaders unpickle; other files are sniffed by content
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
@@ -252,7 +255,8 @@ def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
     if scan_error is not None:
         raise _corrupt(p, scan_error)
     extra = []
-    for name in sorted({n for n in names if n in ALLOWED_GLOBALS and n not in allowed}):
+    needed = {n for n in names if n in ALLOWED_GLOBALS and n not in allowed}
+    for name in sorted(needed | {i for n in needed for i in _IMPLIED.get(n, ())}):
         try:
             extra.append((_resolve_global(name), name))
         except (ImportError, AttributeError):
@@ -492,8 +496,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
         raise CheckpointError(f"checkpoint path {p} does not exist; pass a run directory or a step_<N> folder")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
-    if any(p.glob("mp_rank_*_model_states.pt")) or any(p.glob("*model_states.pt")) or (p / "zero").is_dir():
-        return p.parent, p.name
+    if (any(p.glob("*model_states.pt")) or any(p.glob("*optim_states.pt")) or (p / "zero").is_dir()
+            or (STEP_RE.match(p.name) and any(p.glob("rng_rank*.pt")))):
+        return p.parent, p.name  # a tag folder (its missing files are reported by the loader)
     tag = get_latest_tag(p)
     if tag is None:
         raise CheckpointError(f"no checkpoint found in {p} (no 'latest' file and no step_<N> folders)")
