@@ -5,7 +5,9 @@ fixed ratio ``data.image_ratio``.
 Each source is a loader of its own (own permutation, cursor and epochs), so the resume contract
 of :mod:`megavid.data.loader` holds for both: ``state_dict()`` = {"video": ..., "image": ...}.
 Every rank takes the same number of clips and images per step, so all ranks' batches have the
-same composition and shapes.
+same composition and shapes. Bad samples follow each source's loader rules (a replacement is
+never already in that source's part of the batch; each distinct bad sample counted once per
+epoch of its source and logged once); ``failures`` sums the two.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ class MixedLoader:
 
     @property
     def failures(self) -> Counter:
-        """Skipped samples of both sources, by reason."""
+        """Bad samples skipped by both sources, by reason: each source counts each distinct bad
+        sample once per epoch of its own (``megavid.data.loader``, "Counting"), so a bad image
+        counts once per pass over the image shards."""
         return Counter(self.video.failures) + Counter(self.image.failures)
 
     def __len__(self) -> int:
