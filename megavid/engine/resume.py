@@ -280,24 +280,22 @@ def read_saved_state(ckpt_dir: Path, tag: str, rank: int = 0) -> dict | None:
 
     From ``rng_rank<R>.pt`` (this rank's, else rank 0's: written by every megavid checkpoint and
     copied into universal ones), else DeepSpeed's model-states file (``state["megavid"]``).
+    Files are read with ``checkpoint.safe_load`` (no code from the file runs).
+
+    Raises:
+        CheckpointError: a file is unreadable or holds more than tensors and plain data.
     """
+    from megavid.engine.checkpoint import safe_load
+
     folder = Path(ckpt_dir) / tag
     for name in dict.fromkeys((f"rng_rank{rank}.pt", "rng_rank0.pt")):
         path = folder / name
         if path.is_file():
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001 - a broken file: try the next source
-                log.warning("cannot read %s (%s)", path, e)
-                continue
+            saved = safe_load(path)
             if isinstance(saved, dict) and isinstance(saved.get("client_state"), dict):
                 return saved["client_state"]
     for path in sorted(folder.glob("*model_states.pt")):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            log.warning("cannot read %s (%s)", path, e)
-            continue
+        saved = safe_load(path, mmap=True)
         if isinstance(saved, dict) and isinstance(saved.get("megavid"), dict):
             return saved["megavid"]
     return None

@@ -119,6 +119,13 @@ def test_saved_config_comes_from_the_checkpoint_else_config_yaml_else_skipped(tm
         resume.check_resume_config(now, d, tag, world_size=1, universal=False)
     msg = str(e.value)
     assert "\n" not in msg and "run.seed 9 -> 1" in msg and "--overwrite" in msg and "run.name" in msg
+    # 2b. no RNG file: DeepSpeed's model-states file holds the client state too
+    folder = tmp_path / "s" / "checkpoints" / "step_3"
+    folder.mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}, "megavid": {"world_size": 1, "config": to_dict(trained)}},
+               folder / "mp_rank_00_model_states.pt")
+    plan = resume.check_resume_config(now, folder.parent, "step_3", world_size=1, universal=False)
+    assert plan.source == "checkpoint" and plan.changes == {"optim.lr": (1e-3, 1e-2)}
     # 3. neither: no comparison, said in the log
     d, tag = _fake_checkpoint(tmp_path / "c", {"world_size": 1}, None)
     plan = resume.check_resume_config(now, d, tag, world_size=1, universal=False)
