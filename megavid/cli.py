@@ -8,11 +8,17 @@ not flags (tests/unit/test_cli.py pins the flag set).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
+import logging
+import multiprocessing
 import sys
+import traceback
 from typing import Callable
 
-from megavid.errors import MegavidError
+from megavid.errors import MegavidError, Preempted, describe_exception
+
+log = logging.getLogger("megavid.cli")
 
 # subcommand -> ("module:function", help). Config jobs are called as fn(cfg, **run_switches);
 # tool jobs as fn(args) with their own parser in `_TOOL_PARSERS`.
@@ -89,13 +95,54 @@ def main(argv: list[str] | None = None) -> int:
         fn = _resolve(CONFIG_JOBS[ns.command][0])
         fn(cfg, overwrite=ns.overwrite, resume=ns.resume)
         return 0
+    except Preempted as e:
+        print(f"megavid {ns.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except MegavidError as e:
         print(f"megavid {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"megavid {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends the job with one line
+        _report_unexpected(ns.command, e)
+        return 1
+    finally:
+        stop_child_processes()
 
+
+def _report_unexpected(command: str, exc: BaseException) -> None:
+    """One line on stderr; the full traceback in this rank's log file (logs/rank<R>.log),
+    or on stderr before that line when the job failed before it had a log file."""
+    files = [h for h in logging.getLogger("megavid").handlers if isinstance(h, logging.FileHandler)]
+    where = ""
+    if files:
+        log.error("%s failed", command, exc_info=exc, extra={"file_only": True})
+        for h in files:
+            h.flush()
+        where = f" (traceback in {files[0].baseFilename})"
+    else:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"megavid {command}: error: {describe_exception(exc)}{where}", file=sys.stderr, flush=True)
+
+
+def stop_child_processes(timeout: float = 5.0) -> int:
+    """Stop the worker processes a job leaves behind; returns how many were killed.
+
+    Loader workers ignore SIGTERM (a preempted job must write its checkpoint before they go),
+    and SIGTERM is what Python's exit handler sends its daemonic worker processes before
+    waiting for them: a job whose loop died on an exception then waited for its DataLoader
+    workers forever. Collecting the dead loop's frames lets each loader shut its workers down
+    itself; the daemonic children still alive after that, which Python would stop at exit
+    anyway, are killed.
+    """
+    gc.collect()
+    left = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in left:
+        p.kill()
+    for p in left:
+        p.join(timeout=timeout)
+    return len(left)
 
 if __name__ == "__main__":
     sys.exit(main())

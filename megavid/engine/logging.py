@@ -27,6 +27,12 @@ log = logging.getLogger("megavid.engine")
 def setup_rank_logging(run_dir: Path | None, rank: int, level: int = logging.INFO) -> None:
     """Log megavid's messages to ``<run_dir>/logs/rank<R>.log`` (and stderr on rank 0).
 
+    On rank 0's stderr: warnings and errors always, and every INFO message (the training lines
+    of :class:`MetricsLogger`, checkpoints, the end-of-run summary) when stderr is not a
+    terminal (SLURM, nohup, a pipe), where no progress bar shows. On a terminal the progress
+    bar shows the training state, and only the end-of-run summary joins the warnings.
+    Records logged with ``extra={"file_only": True}`` (tracebacks) never reach stderr.
+
     Args:
         run_dir: the run directory (None: stderr only, e.g. debug mode).
         rank: this process's global rank.
@@ -48,9 +54,105 @@ def setup_rank_logging(run_dir: Path | None, rank: int, level: int = logging.INF
     if rank == 0:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
-        sh.setLevel(logging.WARNING)  # the progress bar shows the rest
+        sh.addFilter(_ConsoleFilter(terminal=sys.stderr.isatty()))
         sh._megavid = True  # type: ignore[attr-defined]
         root.addHandler(sh)
+
+
+class _ConsoleFilter(logging.Filter):
+    """What rank 0 prints on stderr (see :func:`setup_rank_logging`)."""
+
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
+        if record.levelno >= logging.WARNING or getattr(record, "console", False):
+            return True
+        return not self.terminal
+
+
+def check_writable_dirs(*dirs: Path) -> None:
+    """Refuse, before any work, output folders that cannot be written: each existing one (and
+    the first one, created if missing) must take a file.
+
+    Args:
+        dirs: the run directory first, then folders inside it that may already exist.
+
+    Raises:
+        ConfigError: naming the folder and why.
+    """
+    for i, d in enumerate(dirs):
+        try:
+            if i == 0:
+                d.mkdir(parents=True, exist_ok=True)
+            elif not d.exists():
+                continue
+            if not d.is_dir():
+                raise NotADirectoryError(20, "not a folder", str(d))
+            probe = d / f".megavid-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write the output folder {d} ({e.strerror or e}); make it writable or "
+                "set run.output_dir to a writable folder") from None
+
+
+def format_run_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run block: steps, wall time, final loss and metrics, skipped samples by
+    reason, where the checkpoint and the metrics are.
+
+    Args:
+        summary: ``Trainer.fit``'s summary (plus ``wall_time_s`` and ``checkpoint``).
+    """
+    wall = float(summary.get("wall_time_s") or 0.0)
+    minutes, seconds = divmod(int(round(wall)), 60)
+    stopped = summary.get("interrupted")
+    head = f"stopped by {stopped}" if stopped else "finished"
+    lines = [f"run {head}: step {summary.get('step')}/{summary.get('total_steps')} (epoch "
+             f"{summary.get('epoch')}) in {minutes}m{seconds:02d}s"]
+    loss = summary.get("loss")
+    if isinstance(loss, float) and math.isfinite(loss):
+        lines.append(f"  final loss: {loss:.6g}")
+    ev = summary.get("eval") or {}
+    if ev:
+        lines.append("  eval: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(ev.items())))
+    skipped = summary.get("skipped_samples") or {}
+    total = sum(skipped.values())
+    lines.append(f"  skipped samples: {total}" + (
+        " (" + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) + ")" if total else ""))
+    if summary.get("nonfinite_skipped"):
+        lines.append(f"  non-finite losses skipped: {summary['nonfinite_skipped']}")
+    run_dir = summary.get("run_dir")
+    lines.append(f"  checkpoint: {summary.get('checkpoint') or 'none (debug mode)'}")
+    if run_dir and summary.get("checkpoint"):
+        lines.append(f"  metrics: {Path(run_dir) / 'metrics.jsonl'}; logs: {Path(run_dir) / 'logs'}")
+    return "\n".join(lines)
+
+
+def format_train_line(step: int, total_steps: int, metrics: dict[str, Any]) -> str:
+    """One plain line of training state for log files: step, epoch, loss, lr, samples/s,
+    data-wait %, TFLOP/s and MFU (when known), skipped samples.
+
+    Args:
+        step: optimizer steps done.
+        total_steps: the run's steps.
+        metrics: the step's metrics (``Trainer._log_train``).
+    """
+    parts = [f"step {step}/{total_steps}"]
+    if "epoch" in metrics:
+        parts.append(f"epoch {metrics['epoch']}")
+    for key, fmt in (("loss", "loss {:.6g}"), ("lr", "lr {:.4g}"), ("samples_per_s", "{:.1f} samples/s"),
+                     ("data_wait_pct", "data wait {:.1f}%"), ("tflops_per_device", "{:.1f} TFLOP/s"),
+                     ("mfu", "MFU {:.1%}")):
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            parts.append(fmt.format(v))
+    parts.append(f"skipped {int(metrics.get('skipped_samples', 0))}")
+    return " | ".join(parts)
 
 
 def get_env_info(world_info: Any = None, extra: dict | None = None) -> dict:
@@ -116,6 +218,7 @@ class MetricsLogger:
                  *, tensorboard: bool = True, progress: bool = True, wandb: bool = False,
                  run_name: str = "megavid", config: dict | None = None) -> None:
         self.active = rank == 0
+        self.total_steps = total_steps
         self._jsonl = None
         self._tb = None
         self._bar = None
@@ -162,6 +265,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+        if prefix == "train":
+            # rank0.log always; stderr too when it is not a terminal (setup_rank_logging)
+            log.info("%s", format_train_line(step, self.total_steps, metrics))
         if self._bar is not None and prefix == "train":
             shown = {k: metrics[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s") if k in metrics}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)

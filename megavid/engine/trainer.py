@@ -31,10 +31,11 @@ from megavid.config import Config, to_dict
 from megavid.engine import checkpoint as ckpt
 from megavid.engine import dist
 from megavid.engine.deepspeed_setup import build_engine, get_dtype, resolve_precision
-from megavid.engine.logging import MetricsLogger, get_env_info, save_run_files, setup_rank_logging
+from megavid.engine.logging import (MetricsLogger, check_writable_dirs, format_run_summary, get_env_info,
+                                    save_run_files, setup_rank_logging)
 from megavid.engine.optim import get_model_order, get_param_order
 from megavid.engine.throughput import ThroughputMeter, get_device_name, get_peak_tflops
-from megavid.errors import CheckpointError, ConfigError, MegavidError
+from megavid.errors import CheckpointError, ConfigError, MegavidError, Preempted, describe_exception
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,19 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _latest_path(ckpt_dir: Path) -> str | None:
+    tag = ckpt.get_latest_tag(ckpt_dir)
+    return str(ckpt_dir / tag) if tag else None
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    for h in list(logging.getLogger("megavid").handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(run_dir):
+            logging.getLogger("megavid").removeHandler(h)
+            h.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 class Trainer:
     """Train ``task`` under ``cfg`` with DeepSpeed; ``fit()`` runs to the end (or a signal).
 
@@ -123,6 +137,8 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self._stop_signal: int | None = None
         self.steps_per_epoch = 0
+        self._stepped = False  # an optimizer step finished in this process
+        self._iterator: list | None = None  # [the train loader's current iterator]
 
     # ---------------------------------------------------------------- setup
     def _find_resume(self, rank: int) -> tuple[Path, str] | None:
@@ -194,6 +210,7 @@ class Trainer:
             "global_batch_size": self.cfg.data.batch_size * self.cfg.train.grad_accum * world_size,
             "zero_stage": self.cfg.train.zero_stage,
             "param_order": self._param_order,
+            "config": to_dict(self.cfg),  # what this checkpoint was trained with (resume compares)
         }
 
     def save(self, world_size: int) -> str | None:
@@ -201,18 +218,79 @@ class Trainer:
         if self.debug:
             return None
         keep = (self.best["tag"],) if self.best.get("tag") else ()
-        tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(world_size),
-                                   keep_last=self.cfg.train.keep_last, keep=keep)
+        try:
+            tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(world_size),
+                                       keep_last=self.cfg.train.keep_last, keep=keep)
+        except (OSError, RuntimeError) as e:
+            # a full disk or an unwritable folder: `latest` still names the last good checkpoint
+            last = ckpt.get_latest_tag(self.ckpt_dir)
+            raise CheckpointError(
+                f"saving checkpoint {self.ckpt_dir / f'step_{self.step}'} failed "
+                f"({describe_exception(e)}); the last good checkpoint is "
+                f"{self.ckpt_dir / last if last else 'none'}") from e
         log.info("saved checkpoint %s", self.ckpt_dir / tag)
         return tag
+
+    def _skipped(self) -> dict[str, int]:
+        """Bad samples the train loader skipped, by reason (distinct samples)."""
+        failures = getattr(self.loader, "failures", None) or {}
+        return {str(k): int(v) for k, v in sorted(failures.items())}
+
+    def _close_loader(self) -> None:
+        """Stop the train loader's workers now (an exception must not leave them running)."""
+        it = self._iterator[0] if self._iterator else None
+        self._iterator = None
+        close = getattr(it, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - already failing; the first error counts
+                log.warning("closing the train loader: %s", e)
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
         """Train to ``train.max_steps`` (or ``train.epochs``); returns a summary dict.
 
         Keys: ``step``, ``epoch``, ``loss`` (last logged), ``nonfinite_skipped``,
-        ``interrupted`` (signal name or None), ``eval`` (last evaluation), ``run_dir``.
+        ``skipped_samples`` (reason -> distinct bad samples met), ``interrupted`` (None),
+        ``eval`` (last evaluation), ``run_dir``, ``checkpoint``, ``wall_time_s``.
+
+        Rank 0 ends the run with a summary block (stderr and ``logs/rank0.log``).
+
+        Raises:
+            Preempted: stopped by SIGTERM/SIGINT after writing a checkpoint (its ``summary``
+                holds the keys above, ``interrupted`` the signal's name).
+            ConfigError: the run directory cannot be written (before any work).
         """
+        t0 = time.perf_counter()
+        created = not self.debug and not self.run_dir.exists()
+        if not self.debug:
+            check_writable_dirs(self.run_dir, self.ckpt_dir)
+        try:
+            summary = self._fit()
+            self._close_loader()
+        except BaseException as e:
+            self._close_loader()
+            if not self._stepped:
+                if created and isinstance(e, MegavidError) and dist.get_rank() == 0:
+                    # nothing ran: leave no empty run folder behind (the error says it all)
+                    _remove_run_dir(self.run_dir)
+            else:
+                log.error("stopped by an error at step %d: %s", self.step, describe_exception(e))
+            raise
+        summary["wall_time_s"] = time.perf_counter() - t0
+        summary["checkpoint"] = None if self.debug else _latest_path(self.ckpt_dir)
+        if dist.get_rank() == 0:
+            log.info("%s", format_run_summary(summary), extra={"console": True})
+        if summary["interrupted"]:
+            signum = int(signal.Signals[summary["interrupted"]])
+            raise Preempted(
+                f"stopped by {summary['interrupted']} at step {summary['step']} after writing "
+                f"checkpoint {summary['checkpoint']}; run the same command again to resume",
+                signum, summary)
+        return summary
+
+    def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         info = dist.get_world_info()
         device = get_device(cfg, info.local_rank)
@@ -257,16 +335,30 @@ class Trainer:
         loader_state = None
         rng_state = None
         if resume_from is not None:
+            from megavid.engine import resume as resume_cfg
+
+            # the config against the checkpoint's, before DeepSpeed sees a changed model
+            plan = resume_cfg.check_resume_config(cfg, *resume_from, world_size=world_size,
+                                                  universal=self._universal, rank=rank)
             state, rng_state = ckpt.load_checkpoint(self.engine, *resume_from)
             self._check_resume_compat(state, world_size, resume_from)
             self.step, self.epoch = state["step"], state["epoch"]
             self.nonfinite_total = state["nonfinite_total"]
             self.nonfinite_in_row = state["nonfinite_in_row"]
-            self.best = state.get("best", {})
+            self.best = resume_cfg.resumed_best(state.get("best", {}), plan, cfg)
             loader_state = state["loader"]
+            # optimizer hyperparameters and schedule from this config (DeepSpeed restored the old)
+            resume_cfg.apply_optim(self.scheduler, cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                   global_batch=cfg.data.batch_size * t.grad_accum * world_size)
             log.info("resumed from %s at step %d (epoch %d)", resume_from[0] / resume_from[1], self.step, self.epoch)
+            plan.log_changes(self.step)
+        else:
+            plan = None
 
         if rank == 0 and not self.debug:
+            from megavid.engine.resume import record_history
+
+            record_history(self.run_dir, cfg, plan, self.step)
             save_run_files(cfg, self.run_dir, get_env_info(info, {
                 "device": get_device_name(device), "precision": precision,
                 "flops_per_sample": flops, "peak_tflops": peak,
@@ -305,6 +397,7 @@ class Trainer:
             "steps_per_epoch": steps_per_epoch, "nonfinite_skipped": self.nonfinite_total,
             "interrupted": interrupted, "run_dir": str(self.run_dir),
             "peak_memory_gib": _peak_memory_gib(device),
+            "skipped_samples": self._skipped(),
         })
         return summary
 
@@ -376,6 +469,7 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         meter.reset()
+        self._iterator = it_holder
         while self.step < total_steps:
             data_wait = 0.0
             samples = 0
@@ -421,6 +515,7 @@ class Trainer:
             if hasattr(self.task, "after_step"):
                 self.task.after_step(engine.module)
             self.step += 1
+            self._stepped = True
             meter.add(samples, data_wait, tokens if count_tokens else None)
             logger.advance()
 
@@ -471,6 +566,9 @@ class Trainer:
         metrics.update(meter.summary())
         metrics["peak_memory_gib"] = _peak_memory_gib(device)
         metrics["nonfinite_skipped"] = self.nonfinite_total
+        skipped = self._skipped()
+        metrics["skipped_samples"] = sum(skipped.values())
+        metrics.update({f"skipped_{reason}": n for reason, n in skipped.items()})
         metrics["epoch"] = self.epoch
         logger.log(self.step, metrics)
         if "loss" in metrics:

@@ -159,8 +159,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    summary = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])["summary"]
-    assert summary["interrupted"] == "SIGTERM"
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    summary = result["summary"]
+    assert summary["interrupted"] == "SIGTERM" and result["exit_code"] == 128 + signal.SIGTERM
     step = summary["step"]
     assert 3 <= step < 100000
     assert (tmp_path / "t" / "checkpoints" / f"step_{step}").is_dir()

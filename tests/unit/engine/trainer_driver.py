@@ -17,7 +17,7 @@ from megavid_toy import DIM, ToyTask  # noqa: E402
 
 from megavid.config import compose  # noqa: E402
 from megavid.engine.trainer import Trainer  # noqa: E402
-from megavid.errors import MegavidError  # noqa: E402
+from megavid.errors import MegavidError, Preempted  # noqa: E402
 
 PROBE_X = torch.randn(4, DIM, generator=torch.Generator().manual_seed(7))
 
@@ -34,6 +34,8 @@ for run in json.loads(sys.argv[1]):
     trainer = Trainer(cfg, task, overwrite=run.get("overwrite", False), resume=run.get("resume"))
     try:
         out = {"summary": trainer.fit()}
+    except Preempted as e:  # a signal: checkpoint written, the CLI would exit 128 + signum
+        out = {"summary": e.summary, "exit_code": e.exit_code}
     except MegavidError as e:
         if not run.get("expect_error"):
             raise
