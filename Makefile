@@ -25,13 +25,23 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
-	@# multi-node launcher tests (tests/distributed/launchers): sshd + pdsh + ip inside network namespaces
+	@# multi-node launcher tests (tests/distributed/launchers): sshd + pdsh + ip inside network namespaces;
+	@# apt-get waits up to 10 min for the dpkg lock (unattended-upgrades, a parallel setup) instead of failing;
+	@# `apt-get update` ignores DPkg::Lock::Timeout for its package lists lock (apt 2.6), so it is retried
 	@missing=""; test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v pdsh >/dev/null || missing="$$missing pdsh"; command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing$$missing (Debian packages)"; apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    echo "installing$$missing (Debian packages)"; \
+	    for i in $$(seq 120); do \
+	      out=$$(apt-get -o DPkg::Lock::Timeout=600 update -qq 2>&1) && break; \
+	      case "$$out" in *"Could not get lock"*) ;; *) i=120 ;; esac; \
+	      if [ $$i -ge 120 ]; then echo "$$out" >&2; exit 1; fi; \
+	      [ $$i -gt 1 ] || echo "apt-get update: another apt holds the package lists lock; waiting up to 10 min" >&2; \
+	      sleep 5; \
+	    done; \
+	    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+	      $$missing >/dev/null; \
 	  else echo "note: missing$$missing (needs root + apt-get); multi-node launcher tests will skip"; fi; \
 	fi
 	touch $(STAMP)

@@ -23,16 +23,29 @@ from megavid.launch.commands import (
     build_slurm_cmd,
     build_srun_cmd,
     build_torchrun_cmd,
+    pdsh_export_value,
+    pdsh_quote_arg,
 )
 from megavid.launch.env import (
     format_launch_report,
     gather_launch_report,
     get_export_env,
     get_network_env,
+    is_secret_name,
+    mask_env,
     read_user_deepspeed_env,
+    split_secrets,
     write_deepspeed_env,
+    write_env_script,
+    write_private_file,
 )
-from megavid.launch.hostfile import check_hosts_reachable, format_hostfile, parse_hostfile, read_hostfile
+from megavid.launch.hostfile import (
+    check_hosts_reachable,
+    copy_private_file,
+    format_hostfile,
+    parse_hostfile,
+    read_hostfile,
+)
 from megavid.launch.slurm import (
     DEFAULT_MASTER_PORT,
     SlurmAllocation,
@@ -44,7 +57,8 @@ from megavid.launch.slurm import (
 __all__ = [
     "DEFAULT_MASTER_PORT", "DEFAULT_MODULE", "SlurmAllocation", "build_deepspeed_cmd", "build_parser",
     "build_sbatch_script", "build_slurm_cmd", "build_srun_cmd", "build_torchrun_cmd", "check_hosts_reachable",
-    "expand_nodelist", "format_hostfile", "format_launch_report", "gather_launch_report", "get_export_env",
-    "get_network_env", "get_slurm_allocation", "main", "parse_hostfile", "read_hostfile",
-    "read_user_deepspeed_env", "write_deepspeed_env",
+    "copy_private_file", "expand_nodelist", "format_hostfile", "format_launch_report", "gather_launch_report",
+    "get_export_env", "get_network_env", "get_slurm_allocation", "is_secret_name", "main", "mask_env",
+    "parse_hostfile", "pdsh_export_value", "pdsh_quote_arg", "read_hostfile", "read_user_deepspeed_env",
+    "split_secrets", "write_deepspeed_env", "write_env_script", "write_private_file",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -12,9 +13,17 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from megavid.errors import LaunchError
-from megavid.launch.commands import build_deepspeed_cmd, build_slurm_cmd, build_torchrun_cmd
-from megavid.launch.env import get_export_env, read_user_deepspeed_env, write_deepspeed_env
-from megavid.launch.hostfile import check_hosts_reachable, format_hostfile, read_hostfile
+from megavid.launch.commands import build_deepspeed_cmd, build_slurm_cmd, build_torchrun_cmd, uses_remote_shell
+from megavid.launch.env import (
+    get_export_env,
+    is_secret_name,
+    mask_env,
+    read_user_deepspeed_env,
+    split_secrets,
+    write_deepspeed_env,
+    write_env_script,
+)
+from megavid.launch.hostfile import check_hosts_reachable, copy_private_file, format_hostfile, read_hostfile
 from megavid.launch.slurm import DEFAULT_MASTER_PORT, build_sbatch_script, get_slurm_allocation
 
 
@@ -39,6 +48,66 @@ def _exec(cmd: list[str], *, dry_run: bool, env: Mapping[str, str] | None = None
     except FileNotFoundError:
         fix = "run it inside a SLURM allocation" if cmd[0] == "srun" else "activate the venv that has megavid installed"
         raise LaunchError(f"'{cmd[0]}' is not on PATH; {fix}") from None
+
+
+# DeepSpeed's runner exports variables with these prefixes from its own environment to every
+# node (runner.EXPORT_ENVS + the CUDA accelerator's NCCL), onto pdsh's/mpirun's command line
+DS_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
+# characters DeepSpeed's pdsh runner can put unquoted into the remote command (pdsh eats '%')
+_UNQUOTED_OK = re.compile(r"[\w@+=:,./-]+")
+
+
+def _deepspeed_env(
+    env: dict[str, str],
+    env_file: Path,
+    *,
+    hosts: Sequence[str],
+    launcher: str,
+    ssh_port: int | None = None,
+    timeout: float = 5.0,
+    copy: bool = True,
+) -> None:
+    """Write the variables every node must see for DeepSpeed's launcher; point ``env`` at them.
+
+    ``env_file`` (``DS_ENV_FILE``, mode 0600) gets the public ones: DeepSpeed puts them on the
+    pdsh/mpirun command line and logs it. Secrets (:func:`is_secret_name`) never go there: with
+    the pdsh runner over several nodes they go into ``<env_file>.secrets.sh`` (mode 0600),
+    copied to every host by ssh and sourced by each node's shell before its ranks start; other
+    multi-node backends do not get them (a note names them). One node: DeepSpeed starts the
+    ranks itself, with this environment. ``copy=False`` (a dry run) writes the files only.
+    """
+    multi_node = len(hosts) > 1
+    exports = {**get_export_env(env), **read_user_deepspeed_env()}
+    if multi_node:
+        # the secrets DeepSpeed would export from its environment: out of it, into our file
+        for k in [k for k in env if k.startswith(DS_EXPORT_PREFIXES) and is_secret_name(k)]:
+            exports.setdefault(k, env.pop(k))
+    public, secret = split_secrets(exports)
+    pdsh = uses_remote_shell(launcher, len(hosts))
+    script = None
+    if pdsh:
+        for what, path in (("working directory", os.getcwd()), ("python", sys.executable)):
+            if not _UNQUOTED_OK.fullmatch(path):
+                raise LaunchError(
+                    f"the {what} {path!r} has characters DeepSpeed's pdsh runner passes unquoted to a "
+                    f"shell on every node; use a path of letters, digits and _.-/+@=:,"
+                )
+        if secret:
+            script = Path(f"{env_file}.secrets.sh")
+            write_env_script(script, secret)
+            if copy:
+                copy_private_file(hosts, script, ssh_port=ssh_port, timeout=max(timeout, 10.0))
+            shown = " ".join(f"{k}={v}" for k, v in mask_env(secret).items())
+            print(f"megavid launch: {shown} reach every node through {script} (mode 0600)", file=sys.stderr)
+    elif multi_node and secret:
+        print(
+            f"megavid launch: not forwarded by --launcher={launcher}: {' '.join(sorted(secret))} (secrets stay "
+            f"off its command line and log); set them on the nodes or use --launcher=pdsh",
+            file=sys.stderr,
+        )
+    write_deepspeed_env(env_file, public, pdsh=pdsh, env_script=script)
+    # DeepSpeed reads DS_ENV_FILE relative to ~ and '.', an absolute path wins in os.path.join
+    env["DS_ENV_FILE"] = str(env_file.resolve())
 
 
 def _job(ns: argparse.Namespace) -> list[str]:
@@ -80,24 +149,28 @@ def _cmd_deepspeed(ns: argparse.Namespace) -> int:
     if not ns.no_check and (num_nodes > 1):
         check_hosts_reachable(used, ssh_port=ns.ssh_port, timeout=ns.probe_timeout)
     env = _launch_env()
-    exports = {**get_export_env(env), **read_user_deepspeed_env()}
-    # named by content: repeated launches reuse one file instead of piling up temp files
-    digest = hashlib.sha1(repr(sorted(exports.items())).encode()).hexdigest()[:12]
-    env_file = Path(ns.env_file or Path(tempfile.gettempdir()) / f"megavid-{os.getuid()}-{digest}.deepspeed_env")
-    write_deepspeed_env(env_file, exports)
-    # DeepSpeed reads DS_ENV_FILE relative to ~ and '.', an absolute path wins in os.path.join
-    env["DS_ENV_FILE"] = str(env_file.resolve())
+    master_addr = ns.master_addr or used[0].split("@")[-1]
+    if ns.env_file:
+        env_file = Path(ns.env_file)
+    else:
+        # named by content (secret values masked: a name says nothing about them), so repeated
+        # launches reuse one file instead of piling up temp files
+        exports = mask_env({**get_export_env(env), **read_user_deepspeed_env()})
+        digest = hashlib.sha1(repr(sorted(exports.items())).encode()).hexdigest()[:12]
+        env_file = Path(tempfile.gettempdir()) / f"megavid-{os.getuid()}-{digest}.deepspeed_env"
     cmd = build_deepspeed_cmd(
         job,
         hostfile=str(Path(ns.hostfile).resolve()),
         num_nodes=num_nodes,
         num_gpus=num_gpus,
-        master_addr=ns.master_addr or used[0].split("@")[-1],
+        master_addr=master_addr,
         master_port=ns.master_port,
         launcher=ns.launcher,
         ssh_port=ns.ssh_port,
         script=ns.script,
     )
+    _deepspeed_env(env, env_file, hosts=used, launcher=ns.launcher, ssh_port=ns.ssh_port, timeout=ns.probe_timeout,
+                   copy=not ns.dry_run)
     return _exec(cmd, dry_run=ns.dry_run, env=env)
 
 
@@ -139,8 +212,7 @@ def _cmd_slurm(ns: argparse.Namespace) -> int:
     if ns.launcher == "deepspeed":
         env = _launch_env()
         env_file = Path(hostfile).with_name(f"deepspeed_env-{alloc.job_id}")
-        write_deepspeed_env(env_file, {**get_export_env(env), **read_user_deepspeed_env()})
-        env["DS_ENV_FILE"] = str(env_file.resolve())
+        _deepspeed_env(env, env_file, hosts=alloc.nodes, launcher="pdsh", copy=not ns.dry_run)
         return _exec(cmd, dry_run=ns.dry_run, env=env)
     return _exec(cmd, dry_run=ns.dry_run)
 

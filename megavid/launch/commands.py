@@ -3,6 +3,8 @@ static rendezvous), ``srun`` + ``torchrun`` or the DeepSpeed launcher under SLUR
 
 from __future__ import annotations
 
+import re
+import shlex
 from typing import Sequence
 
 from megavid.errors import LaunchError
@@ -10,6 +12,56 @@ from megavid.launch.slurm import DEFAULT_MASTER_PORT, SlurmAllocation
 
 DEFAULT_MODULE = "megavid.cli"
 """The Python module every launcher runs: the same CLI a single-process run uses."""
+
+
+# DeepSpeed's MultiNodeRunner.add_export leaves a value with only these characters unquoted
+_DS_EXPORT_SAFE = re.compile(r"[\w@%+=:,./-]*")
+# a host name, IPv4 or IPv6 address: what --master_addr may hold (it reaches a remote shell unquoted)
+_ADDR_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def _dq_escape(text: str) -> str:
+    """Backslash the characters that stay special inside double quotes, except '"' itself."""
+    return re.sub(r"([\\$`])", r"\\\1", text)
+
+
+def pdsh_quote_arg(arg: str, *, runner_quotes_spaces: bool = True) -> str:
+    """``arg`` as DeepSpeed's pdsh runner must get it for every node's shell to get ``arg`` back.
+
+    The runner (``PDSHRunner``) puts the job into one command string that pdsh runs in a remote
+    shell on every node: an argument with a space goes in double quotes with its '"' escaped
+    (``$(...)``, backquotes and backslashes inside still act), any other argument goes in as it
+    is. So an argument with a space gets a backslash before each backslash, dollar and backquote
+    (the runner adds the quotes and escapes '"'); any other argument, and the script (``runner_
+    quotes_spaces=False``: the runner never touches it), is quoted with :func:`shlex.quote`.
+    Last, ``%`` is doubled: pdsh replaces ``%n``, ``%h``, ``%u`` in the remote command, ``%%``
+    by ``%``. (Wrapping every argument in :func:`shlex.quote` alone would not do: inside the
+    runner's double quotes the single quotes are plain characters and ``$(...)`` still runs.)
+    """
+    quoted = _dq_escape(arg) if runner_quotes_spaces and " " in arg else shlex.quote(arg)
+    return quoted.replace("%", "%%")
+
+
+def pdsh_export_value(value: str) -> str:
+    """``value`` as a ``.deepspeed_env`` value that DeepSpeed's pdsh runner hands to every
+    node's shell intact.
+
+    The runner writes ``export KEY=VALUE;`` into the remote command and puts double quotes
+    around a value with any character but letters, digits and ``_@%+=:,./-``, escaping nothing
+    (``$(...)`` in it would run on every node, a '"' would end it): escaped here for the inside
+    of double quotes, the value comes out as it went in. ``%`` is doubled for pdsh. DeepSpeed
+    strips the value: leading and trailing blanks are lost.
+    """
+    value = value.strip()
+    if not _DS_EXPORT_SAFE.fullmatch(value):
+        value = _dq_escape(value).replace('"', '\\"')
+    return value.replace("%", "%%")
+
+
+def uses_remote_shell(launcher: str, num_nodes: int) -> bool:
+    """Whether DeepSpeed runs the job through a remote shell: its pdsh runner over more than
+    one node (one node: a local process; mpirun/srun backends: argument vectors, no shell)."""
+    return launcher.lower() == "pdsh" and num_nodes > 1
 
 
 def _entry(job_args: Sequence[str], script: str | None, module: str, *, module_flag: str) -> list[str]:
@@ -31,6 +83,10 @@ def build_deepspeed_cmd(
 ) -> list[str]:
     """``deepspeed --hostfile ...`` running ``python -m megavid.cli JOB ...`` on every slot.
 
+    Over several nodes with the pdsh runner, the job arguments and the script reach a shell on
+    every node: they are quoted (:func:`pdsh_quote_arg`) so that each node gets them intact,
+    ``run.name='a b$(cmd)'`` included.
+
     ``--no_local_rank``: megavid reads LOCAL_RANK from the environment, so the CLI never sees
     a stray ``--local_rank`` argument. ``--no_ssh_check``: :func:`check_hosts_reachable` has
     already probed every host non-interactively (DeepSpeed's own check probes only the first
@@ -47,7 +103,16 @@ def build_deepspeed_cmd(
         ssh_port: ssh port for pdsh.
         script: run this Python file instead of ``-m module`` (tests).
         module: the module to run.
+
+    Raises:
+        LaunchError: ``master_addr`` is not a host name or address.
     """
+    if not _ADDR_RE.fullmatch(master_addr):
+        raise LaunchError(f"--master-addr={master_addr!r} is not a host name or an IP address")
+    if uses_remote_shell(launcher, num_nodes):
+        job_args = [pdsh_quote_arg(a) for a in job_args]
+        script = None if script is None else pdsh_quote_arg(script, runner_quotes_spaces=False)
+        module = pdsh_quote_arg(module, runner_quotes_spaces=False)
     cmd = [
         "deepspeed",
         f"--hostfile={hostfile}",

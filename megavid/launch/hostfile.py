@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -150,3 +151,54 @@ def check_hosts_reachable(
         )
 
 
+
+
+def copy_private_file(
+    hosts: Iterable[str],
+    path: str | os.PathLike,
+    *,
+    ssh_port: int | None = None,
+    timeout: float = 30.0,
+    ssh: str = "ssh",
+) -> None:
+    """Copy the local file ``path`` to the same path on every host, mode 0600, in parallel.
+
+    The contents travel on ssh's standard input, never on a command line; on each host they go
+    into a new file from ``mktemp`` under ``umask 077`` that then replaces ``path`` (as
+    :func:`megavid.launch.env.write_private_file` does here). Hosts sharing a filesystem just
+    write the same bytes.
+
+    Raises:
+        LaunchError: naming every host the copy failed on and ssh's reason.
+    """
+    hosts = list(hosts)
+    p = Path(path).resolve()
+    data = p.read_bytes()
+    q = shlex.quote
+    remote = (
+        f"umask 077 && mkdir -p {q(str(p.parent))} && t=$(mktemp {q(f'{p.parent}/.{p.name}.XXXXXX')}) && "
+        f"{{ cat > \"$t\" && mv -f \"$t\" {q(str(p))} || {{ rm -f \"$t\"; exit 1; }}; }}"
+    )
+
+    def copy(host: str) -> str | None:
+        cmd = [ssh, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}"]
+        if ssh_port is not None:
+            cmd += ["-p", str(ssh_port)]
+        cmd += [host, remote]
+        try:
+            r = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout + 5)
+        except FileNotFoundError:
+            return f"no '{ssh}' client installed"
+        except subprocess.TimeoutExpired:
+            return f"no answer within {timeout:g} s"
+        if r.returncode == 0:
+            return None
+        lines = [ln.strip() for ln in r.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else f"ssh exited with {r.returncode}"
+
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(hosts)))) as pool:
+        reasons = list(pool.map(copy, hosts))
+    bad = [(h, why) for h, why in zip(hosts, reasons) if why is not None]
+    if bad:
+        names = ", ".join(f"{h} ({why})" for h, why in bad)
+        raise LaunchError(f"could not copy {p} to {names}; the ranks there would start without its variables")

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from megavid.launch.env import is_secret_name
+
 REPO = Path(__file__).resolve().parents[3]
 
 RECORDER = """#!{python}
@@ -48,7 +50,9 @@ class Recorders:
 
     def env(self, **extra: str) -> dict[str, str]:
         """A clean environment: recorders, then the venv, then the system; no SLURM_* leaks in."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NCCL_", "GLOO_"))}
+        # no secret from the shell that runs the tests: over several nodes it would be copied by ssh
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("SLURM_", "MASTER_", "NCCL_", "GLOO_")) and not is_secret_name(k)}
         base["PATH"] = os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), base.get("PATH", "")])
         base["RECORD_FILE"] = str(self.file)
         base["MEGAVID_PYTHON"] = sys.executable

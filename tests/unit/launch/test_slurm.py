@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
 
@@ -90,13 +91,29 @@ def test_sbatch_torchrun_command_line(recorders, tmp_path, nodelist, nnodes, mas
     [("node07", 1, ["node07"]), ("node[01-03,07]", 4, ["node01", "node02", "node03", "node07"])],
 )
 def test_sbatch_deepspeed_command_line(recorders, tmp_path, nodelist, nnodes, hosts):
-    env = _slurm_env(recorders, tmp_path, nodelist, nnodes, MEGAVID_LAUNCHER="deepspeed", NCCL_IB_HCA="mlx5")
+    (recorders.bin / "ssh").write_text((recorders.bin / "srun").read_text())  # ssh recorder: copies "succeed"
+    (recorders.bin / "ssh").chmod(0o755)
+    env = _slurm_env(recorders, tmp_path, nodelist, nnodes, MEGAVID_LAUNCHER="deepspeed", NCCL_IB_HCA="mlx5",
+                     HF_TOKEN="secret-in-slurm")
     r = subprocess.run(["bash", str(SBATCH), "pretrain", "experiment=demo"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+    assert "secret-in-slurm" not in r.stdout + r.stderr
     hostfile = tmp_path / ".megavid" / "hostfile-1234"
     assert parse_hostfile(hostfile.read_text()) == {h: 8 for h in hosts}
-    (call,) = recorders.calls()
+    (call,) = [c for c in recorders.calls() if c["argv"][0] == "deepspeed"]
+    # the export file is the owner's alone and holds no secret; over several nodes the secret
+    # goes to every node through its own 0600 file, copied by ssh (on stdin, not in argv)
+    env_file = call["env"]["DS_ENV_FILE"]
+    assert stat.S_IMODE(os.stat(env_file).st_mode) == 0o600 and "secret-in-slurm" not in open(env_file).read()
+    copies = sorted(c["argv"][-2] for c in recorders.calls() if c["argv"][0] == "ssh")
+    script = f"{env_file}.secrets.sh"
+    if nnodes > 1:
+        assert copies == hosts and stat.S_IMODE(os.stat(script).st_mode) == 0o600
+        assert open(script).read() == "export HF_TOKEN=secret-in-slurm\n"
+        assert not any("secret-in-slurm" in a for c in recorders.calls() for a in c["argv"])
+    else:  # one node: DeepSpeed starts the ranks here, in this environment
+        assert copies == [] and not os.path.exists(script)
     assert call["argv"] == [
         "deepspeed", f"--hostfile={hostfile}", f"--num_nodes={nnodes}", "--num_gpus=8",
         f"--master_addr={hosts[0]}", "--master_port=29734", "--launcher=pdsh", "--no_ssh_check",
