@@ -283,6 +283,20 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Per-key sums over ranks of a small ``name -> count`` dict (collective; every rank gets
+    the same answer, keys sorted)."""
+    total: dict[str, int] = {}
+    rows = [counts]
+    if is_initialized() and get_world_size() > 1:
+        rows = [None] * get_world_size()
+        torch.distributed.all_gather_object(rows, dict(counts))
+    for row in rows:
+        for k, v in (row or {}).items():
+            total[k] = total.get(k, 0) + int(v)
+    return dict(sorted(total.items()))
+
+
 def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True when ``flag`` is true on any rank (every rank gets the same answer)."""
     if not is_initialized() or get_world_size() == 1:

@@ -137,6 +137,7 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self._stop_signal: int | None = None
         self.steps_per_epoch = 0
+        self._skipped_before: dict[str, int] = {}  # skipped samples before the resumed checkpoint
         self._stepped = False  # an optimizer step finished in this process
         self._iterator: list | None = None  # [the train loader's current iterator]
 
@@ -205,6 +206,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_row": self.nonfinite_in_row,
+            "skipped_samples": self._skipped(),
             "best": self.best,
             "world_size": world_size,
             "global_batch_size": self.cfg.data.batch_size * self.cfg.train.grad_accum * world_size,
@@ -232,9 +234,15 @@ class Trainer:
         return tag
 
     def _skipped(self) -> dict[str, int]:
-        """Bad samples the train loader skipped, by reason (distinct samples)."""
+        """Bad samples the train loaders of all ranks skipped, by reason (each distinct bad
+        sample once per epoch that met it), since the run started: the counts of the
+        checkpoint resumed from plus this process's (collective: every rank calls it)."""
         failures = getattr(self.loader, "failures", None) or {}
-        return {str(k): int(v) for k, v in sorted(failures.items())}
+        mine = {str(k): int(v) for k, v in failures.items()}
+        total = dist.sum_counts(mine)
+        for k, v in self._skipped_before.items():
+            total[k] = total.get(k, 0) + int(v)
+        return dict(sorted(total.items()))
 
     def _close_loader(self) -> None:
         """Stop the train loader's workers now (an exception must not leave them running)."""
@@ -345,6 +353,7 @@ class Trainer:
             self.step, self.epoch = state["step"], state["epoch"]
             self.nonfinite_total = state["nonfinite_total"]
             self.nonfinite_in_row = state["nonfinite_in_row"]
+            self._skipped_before = dict(state.get("skipped_samples", {}))
             self.best = resume_cfg.resumed_best(state.get("best", {}), plan, cfg)
             loader_state = state["loader"]
             # optimizer hyperparameters and schedule from this config (DeepSpeed restored the old)
