@@ -627,7 +627,10 @@ def _describe_load_error(e: BaseException) -> str:
     sizes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
                        r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))", msg)
     if sizes:
-        first = "; ".join(f"{k}: checkpoint {a[11:-1]} vs model {b[11:-1]}" for k, a, b in sizes[:3])
+        def shape(s: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in re.findall(r"\d+", s))
+
+        first = "; ".join(f"{k}: checkpoint {shape(a)} vs model {shape(b)}" for k, a, b in sizes[:3])
         more = f"; and {len(sizes) - 3} more" if len(sizes) > 3 else ""
         return f"{len(sizes)} tensors have other shapes ({first}{more})"
     for what in ("Missing key(s)", "Unexpected key(s)"):

@@ -192,6 +192,15 @@ def test_describe_misfit_names_three_keys_and_counts_the_rest():
     partial = {k: v for k, v in ToyModel().state_dict().items() if k != "offset"}
     with pytest.raises(CheckpointError, match=r"1 model tensors are missing \(offset\)"):
         C.load_state_strict(ToyModel(), partial, "x")
+    # DeepSpeed's own strict load (the fallback when the pre-check cannot see the shapes):
+    # torch's many-line RuntimeError summarised the same way
+    with pytest.raises(RuntimeError) as e:
+        ToyModel(hidden=48).load_state_dict(state)
+    assert str(e.value).count("\n") > 3
+    short = C._describe_load_error(e.value)
+    assert "\n" not in short and short.startswith(f"{len(differ)} tensors have other shapes")
+    assert [k for k, _, _ in re.findall(r"([\w.]+): checkpoint \(([\d, ]*)\) vs model \(([\d, ]*)\)", short)] \
+        == [k for k in state if k in differ][:3]
 
 
 # --------------------------------------------------------------------------------------------
