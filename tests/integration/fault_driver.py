@@ -4,6 +4,7 @@ Usage: ``python fault_driver.py FAULT ARGS...``, where FAULT is one of
 
 - ``none``: no fault;
 - ``worker@S``: a DataLoader worker raises while building the batch of global step S;
+- ``dali_feed@S``: the DALI loader's feed stage raises while preparing global step S;
 - ``forward@S:R``: the forward pass of global step S raises on rank R;
 - ``oom@S``: the forward pass of global step S raises PyTorch's CUDA out-of-memory error.
 
@@ -38,6 +39,19 @@ def _inject(fault: str) -> None:
             return original(self, i)
 
         _BatchDataset.__getitem__ = getitem
+        return
+    if kind == "dali_feed":
+        from megavid.data.dali import DaliLoader
+
+        step = int(where)
+        original_prepare = DaliLoader._prepare
+
+        def prepare(self, plan, i):
+            if plan.start // plan.global_batch + i + 1 == step:
+                raise RuntimeError("injected fault in the DALI feed")
+            return original_prepare(self, plan, i)
+
+        DaliLoader._prepare = prepare
         return
     from megavid.tasks.pretrain import PretrainTask
 
