@@ -119,6 +119,7 @@ def test_crafted_checkpoints_never_run_and_fail_in_one_line(trained, tmp_path):
     for arg in (f"model.weights={export}", f"model.weights={export.parent}", f"model.text_weights={export}"):
         line = _one_line_error(_megavid("finetune-retrieval", *ft, arg, "--overwrite"), "finetune-retrieval", export)
         assert re.search(refusal, line), line
+        assert not (tmp_path / "ft" / "ft").exists(), "a job that failed before its first step left its run folder"
     assert not marker.exists()
 
 
@@ -132,6 +133,7 @@ def test_crafted_rng_file_is_refused_on_resume(trained, tmp_path):
     assert not marker.exists(), "a crafted rng_rank0.pt ran its code on --resume"
     line = _one_line_error(proc, "pretrain", f)
     assert "refusing to load" in line and "posix.system" in line
+    assert not (tmp_path / "resumed" / "r").exists(), "a job that failed before its first step left its run folder"
 
 
 def test_bad_and_wrong_model_checkpoints_fail_in_one_line(trained, tmp_path):
