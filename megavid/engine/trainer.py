@@ -276,16 +276,17 @@ class Trainer:
             check_writable_dirs(self.run_dir, self.ckpt_dir)
         try:
             summary = self._fit()
-            self._close_loader()
         except BaseException as e:
             self._close_loader()
             if not self._stepped:
                 if created and isinstance(e, MegavidError) and dist.get_rank() == 0:
                     # nothing ran: leave no empty run folder behind (the error says it all)
                     _remove_run_dir(self.run_dir)
-            else:
-                log.error("stopped by an error at step %d: %s", self.step, describe_exception(e))
+            else:  # for the log file; the CLI prints the one line on stderr
+                log.error("stopped by an error at step %d: %s", self.step, describe_exception(e),
+                          extra={"file_only": True})
             raise
+        self._close_loader()
         summary["wall_time_s"] = time.perf_counter() - t0
         summary["checkpoint"] = None if self.debug else _latest_path(self.ckpt_dir)
         if dist.get_rank() == 0:

@@ -89,6 +89,8 @@ def _megavid(fault: str, *args: str) -> Job:
 def _one_line_error(err: str, *needles: str) -> str:
     """The job's last stderr line: megavid's one-line error, with no traceback on stderr."""
     assert "Traceback" not in err, err[-4000:]
+    errors = [ln for ln in err.splitlines() if " ERROR " in ln or ln.startswith("megavid ")]
+    assert len(errors) == 1, errors
     last = err.strip().splitlines()[-1]
     assert last.startswith("megavid pretrain: "), err[-4000:]
     for n in needles:
