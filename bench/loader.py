@@ -53,9 +53,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from megavid.config import DataConfig  # noqa: E402
 from megavid.data.loader import build_loader  # noqa: E402
 from megavid.data.pyav_backend import probe_video  # noqa: E402
-from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices  # noqa: E402
-from megavid.data.shards import ShardSample, write_shards  # noqa: E402
+from megavid.data.sampling import (  # noqa: E402
+    get_sample_rng,
+    sample_timestamps,
+    timestamps_to_indices,
+)
 from megavid.data.transforms import transform_clip  # noqa: E402
+from megavid.shards.writer import ShardSample, write_shards  # noqa: E402
 
 NUM_FRAMES = 8
 IMG = 224
@@ -292,7 +296,7 @@ def make_backend_shards(tmp: Path, copies: int, gop: int) -> tuple[dict[str, Pat
     from loader_gpu import _sources, make_bench_shards  # the issue-10 bench's shard maker
 
     from megavid.data.loader import read_split_meta
-    from megavid.data.make_shards import MakeShardsOptions
+    from megavid.shards.ingest.options import MakeShardsOptions
 
     ns = argparse.Namespace(workers=2, short_side=0, fps=8.0, quality=90)
     kinds = [("keep", 0), ("vp9", 0), ("frames", 0)]
@@ -350,7 +354,7 @@ def run_backends(args: argparse.Namespace) -> int:
     for (name, source), (rate, per_cpu, _) in best.items():
         lines.append(f"| {name} | {source} | {rate:.2f} | {rate / peer[0]:.2f}x | "
                      f"{per_cpu:.2f} | {per_cpu / peer[1]:.2f}x |")
-    from megavid.data.frames import get_bytes_per_clip_second
+    from megavid.shards.stats import get_bytes_per_clip_second
 
     lines += ["", "| shards | kB per clip-second (storage) |", "|---|---|"]
     lines += [f"| {kind} | {get_bytes_per_clip_second(path) / 1e3:.0f} |"

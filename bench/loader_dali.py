@@ -47,8 +47,8 @@ def make_shards(out: Path, codec: str, n: int, distinct: int, frames: int, fps: 
                 width: int, height: int) -> Path:
     """``n`` samples whose videos cycle through ``distinct`` encodes (encoding is the slow
     part of making shards; decoding cost does not depend on which copy is read)."""
-    from megavid.data.shards import ShardSample, write_shards
-    from megavid.data.synthetic import encode_clip
+    from megavid.shards.synthetic import encode_clip
+    from megavid.shards.writer import ShardSample, write_shards
 
     ext = "webm" if codec == "vp9" else "mp4"
     samples = []

@@ -77,8 +77,10 @@ def make_bench_shards(tmp: Path, kind: str, samples: int, args: argparse.Namespa
     """Shards of ``kind`` ('frames', 'vp9', 'h264') with ``samples`` samples cycling over the
     sources: make-shards once per source (``--gop gop`` for video kinds), then the samples
     copied under new keys."""
-    from megavid.data.make_shards import MakeShardsOptions, make_shards
-    from megavid.data.shards import ShardSample, iter_tar_samples, list_shards, write_shards
+    from megavid.shards.format import iter_tar_samples, list_shards
+    from megavid.shards.ingest.make_shards import make_shards
+    from megavid.shards.ingest.options import MakeShardsOptions
+    from megavid.shards.writer import ShardSample, write_shards
 
     videos, ann = _sources(tmp)
     name = f"{kind}_gop{gop}" if gop else kind
@@ -189,7 +191,7 @@ def loader_paths(shards: dict[str, Path], args: argparse.Namespace) -> list[tupl
 def _train_plans(shards: Path, args: argparse.Namespace, n: int) -> list[tuple[bytes, dict, Any]]:
     """(video bytes, sample JSON, ``dali.plan_clip`` train plan) of the first ``n`` samples."""
     from megavid.data.dali import plan_clip
-    from megavid.data.shards import read_index, read_sample
+    from megavid.shards.format import read_index, read_sample
 
     out = []
     for i, entry in enumerate(read_index(shards)[:n]):
@@ -272,7 +274,7 @@ def profile_video_path(shards: dict[str, Path], args: argparse.Namespace) -> lis
     def feeding(items: list) -> float:
         # what the external source does per sample in Python: pread + JSON + plan
         from megavid.data.dali import plan_clip
-        from megavid.data.shards import read_index, read_sample
+        from megavid.shards.format import read_index, read_sample
 
         folder = next(shards[k] for k in kinds if cols[k] is items)
         entries = read_index(folder)[:n]
@@ -368,7 +370,7 @@ def dali_ok() -> bool:
 def cache_members(shards: Path, cache: Path) -> list[str]:
     """Attempt d's local cache: every video member of a shard folder extracted once to a file
     (what a node would keep on local disk); returns the file paths."""
-    from megavid.data.shards import read_index, read_sample
+    from megavid.shards.format import read_index, read_sample
 
     cache.mkdir(parents=True, exist_ok=True)
     files = []
@@ -598,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the paths table (no video-stream profile and attempts)")
     args = ap.parse_args(argv)
 
-    from megavid.data.frames import get_bytes_per_clip_second
+    from megavid.shards.stats import get_bytes_per_clip_second
 
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="megavid_bench_"))
     dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available()

@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import av  # noqa: E402
 
-from megavid.data.make_shards import _ENCODERS, MakeShardsOptions, _out_size, make_shards  # noqa: E402
+from megavid.shards.ingest.make_shards import make_shards  # noqa: E402
+from megavid.shards.ingest.options import MakeShardsOptions  # noqa: E402
+from megavid.shards.ingest.transcode import _ENCODERS, _out_size  # noqa: E402
 
 
 def plain_pyav(path: Path, codec: str, short_side: int, max_fps: float) -> bytes:

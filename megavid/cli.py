@@ -23,7 +23,7 @@ log = logging.getLogger("megavid.cli")
 # subcommand -> ("module:function", help). Config jobs are called as fn(cfg, **run_switches);
 # tool jobs as fn(args) with their own parser in `_TOOL_PARSERS`.
 CONFIG_JOBS: dict[str, tuple[str, str]] = {
-    "make-synthetic": ("megavid.data.synthetic:run_make_synthetic", "generate the moving-shapes dataset and its shards"),
+    "make-synthetic": ("megavid.shards.synthetic:run_make_synthetic", "generate the moving-shapes dataset and its shards"),
     "pretrain": ("megavid.tasks.pretrain:run_pretrain", "pretrain (VTC + VTM + MLM)"),
     "finetune-retrieval": ("megavid.tasks.retrieval:run_finetune_retrieval", "finetune for text-video retrieval"),
     "finetune-qa": ("megavid.tasks.qa:run_finetune_qa", "finetune for video QA"),
@@ -36,9 +36,9 @@ CONFIG_JOBS: dict[str, tuple[str, str]] = {
     "eval-egocentric": ("megavid.tasks.egocentric:run_eval_egocentric", "EK-100 multi-instance retrieval and EgoMCQ"),
 }
 TOOL_JOBS: dict[str, tuple[str, str]] = {
-    "make-shards": ("megavid.data.make_shards:main", "make validated webdataset shards from videos + annotations"),
-    "verify-shards": ("megavid.data.shards:verify_main", "check every shard, index and stats file"),
-    "shard-stats": ("megavid.data.stats:main", "totals, duration histogram, codec/resolution counts, failures (--json)"),
+    "make-shards": ("megavid.shards.ingest.make_shards:main", "make validated webdataset shards from videos + annotations"),
+    "verify-shards": ("megavid.shards.verify:verify_main", "check every shard, index and stats file"),
+    "shard-stats": ("megavid.shards.stats:main", "totals, duration histogram, codec/resolution counts, failures (--json)"),
     "info": ("megavid.info:main", "versions, devices and working decode backends"),
     "launch": ("megavid.launch:main", "multi-node launch: check-hostfile, deepspeed, torchrun, slurm, make-sbatch"),
 }

@@ -153,7 +153,7 @@ def _reference(video: bytes, indices: list[int]) -> np.ndarray:
 
 
 def _encode(codec: str) -> bytes:
-    from megavid.data.synthetic import encode_clip
+    from megavid.shards.synthetic import encode_clip
 
     return encode_clip(_test_frames(), 8, codec)
 
@@ -232,7 +232,8 @@ def check_dali_frames(device: str) -> CheckResult:
     name = f"DALI {device} (jpeg frames)"
     try:
         from megavid.data import dali
-        from megavid.data.frames import decode_jpeg, encode_jpeg
+        from megavid.data.frames import decode_jpeg
+        from megavid.shards.ingest.frames import encode_jpeg
     except ImportError as e:
         return CheckResult(name, False, f"cannot import: {e}")
     skipped = _dali_unusable(name, device)
@@ -275,8 +276,7 @@ def check_dali_reader(shard_dir: str | Path) -> CheckResult:
     where = str(shard_dir)
     try:
         from megavid.data import dali
-        from megavid.data.frames import is_frames_shard_dir
-        from megavid.data.shards import list_shards, read_index, read_sample
+        from megavid.shards.format import is_frames_shard_dir, list_shards, read_index, read_sample
 
         if not dali.dali_available():
             return CheckResult(name, None, "nvidia-dali is not installed")
@@ -309,7 +309,7 @@ def _check_dali_frames_reader(tar: Path, entries: dict[str, dict]) -> CheckResul
     """``check_dali_reader`` for a frames shard: every frame DALI's reader returns equals the
     bytes at the offsets of ``index.jsonl``."""
     from megavid.data import dali
-    from megavid.data.frames import is_frame_ext
+    from megavid.shards.format import is_frame_ext
 
     name = "DALI webdataset reader"
     n = 0
@@ -347,7 +347,7 @@ def describe_auto(shard_dir: str | Path) -> tuple[str, str, str, str]:
     index = Path(shard_dir) / "index.jsonl"
     if backend == "pyav" and codec != "jpeg" and index.is_file():
         # the keyframe interval sets PyAV's cost: it decodes only the GOPs of sampled frames
-        from megavid.data.shards import read_index
+        from megavid.shards.format import read_index
 
         gops = {e.get("gop") for e in read_index(shard_dir)}
         reason += (f"; keyframes every {gops.pop()} frames (make-shards --gop): PyAV decodes "
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = ns.workers
     if tokens:
         from megavid.config import compose
-        from megavid.data.shards import list_shards
+        from megavid.shards.format import list_shards
 
         cfg = compose(tokens)
         try:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from megavid.config import compose
 from megavid.data.loader import build_loader
-from megavid.data.synthetic import DIRECTIONS
 from megavid.data.transforms import normalize_clip
 from megavid.models.timesformer import build_timesformer
+from megavid.shards.synthetic import DIRECTIONS
 
 
 def load_clips(root: str, num: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from megavid.data.make_shards import run_tool  # noqa: E402
+from megavid.shards.ingest.make_shards import run_tool  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_tool())

@@ -52,7 +52,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from megavid.data.frames import FRAMES_CODEC, is_frames_shard_dir, sample_clip_frames
+from megavid.data.frames import sample_clip_frames
+from megavid.shards.format import FRAMES_CODEC, is_frames_shard_dir
 from megavid.data.loader import (
     VideoTextLoader,
     _EpochPlan,
@@ -104,7 +105,7 @@ def get_shard_codec(shard_dir: str | Path) -> str:
     """The video codec of a shard folder's samples (from ``index.jsonl``, else the first JSON).
 
     Args:
-        shard_dir: a folder written by :func:`megavid.data.shards.write_shards`.
+        shard_dir: a folder written by :func:`megavid.shards.writer.write_shards`.
 
     Returns:
         The lower-case codec name; for a folder mixing codecs, one that DALI's CPU decoder
@@ -113,7 +114,7 @@ def get_shard_codec(shard_dir: str | Path) -> str:
     Raises:
         DataError: no sample of the folder records its codec.
     """
-    from megavid.data.shards import list_shards, read_index, scan_tar
+    from megavid.shards.format import list_shards, read_index, scan_tar
 
     shard_dir = Path(shard_dir)
     codecs: set[str] = set()
@@ -518,7 +519,7 @@ def iter_dali_reader(
     """
     from nvidia.dali import fn, pipeline_def
 
-    from megavid.data.shards import list_shards
+    from megavid.shards.format import list_shards
 
     tars = list_shards(str(spec), root)
     index_paths = [t.with_suffix(".idx") for t in tars]
@@ -578,8 +579,7 @@ def iter_dali_frames_reader(
     """
     from nvidia.dali import fn, pipeline_def
 
-    from megavid.data.frames import get_frame_exts, is_frame_ext
-    from megavid.data.shards import list_shards, read_index
+    from megavid.shards.format import get_frame_exts, is_frame_ext, list_shards, read_index
 
     tars = list_shards(str(spec), root)
     index_paths = [t.with_suffix(".idx") for t in tars]
@@ -949,7 +949,7 @@ def build_dali_loader(
         quarantine: a :class:`Quarantine` or its JSON path (None: ``data_cfg.quarantine``).
     """
     from megavid.data.loader import get_split_spec, is_image_split
-    from megavid.data.shards import list_shards
+    from megavid.shards.format import list_shards
 
     device = device or data_cfg.dali_device
 

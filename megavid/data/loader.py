@@ -94,11 +94,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from megavid.config import DataConfig
 from megavid.data import pyav_backend
-from megavid.data.frames import decode_jpeg, frames_at, get_frame_times
+from megavid.data.frames import decode_jpeg, frames_at
 from megavid.data.sampling import get_sample_rng, sample_timestamps
 from megavid.data.text import build_tokenizer, get_tokenizer_path, tokenize
 from megavid.data.transforms import is_flip_safe, sample_texts, transform_clip
 from megavid.errors import ConfigError, DataError
+from megavid.shards.format import IMAGE_EXTS, get_frame_times
 
 logger = logging.getLogger("megavid.data")
 
@@ -139,8 +140,7 @@ def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable
         spec: a split name, shard folder, tar file or glob (see ``shards.list_shards``).
         root: the dataset root (``data.root``) for split names.
     """
-    from megavid.data.frames import is_frame_ext
-    from megavid.data.shards import list_shards, read_index
+    from megavid.shards.format import is_frame_ext, list_shards, read_index
 
     tars = list_shards(spec, root)
     by_dir: dict[Path, set[str]] = {}
@@ -440,7 +440,7 @@ class _BatchDataset(Dataset):
             raise _SampleFailed("read_error", str(e)) from e
         # Image samples carry meta["is_image"] = True; video metas stay the sample JSON as
         # stored (every backend returns the same), so readers use meta.get("is_image", False).
-        is_image = stored is None and self.table.video_ext[index] in pyav_backend.IMAGE_EXTS
+        is_image = stored is None and self.table.video_ext[index] in IMAGE_EXTS
         try:
             if is_image:  # a 1-frame clip, repeated to T frames (see pyav_backend.decode_image)
                 meta["is_image"] = True
@@ -882,7 +882,7 @@ def is_image_split(data_cfg: DataConfig, split: str) -> bool:
         data_cfg: the data config (root).
         split: a split name or shard spec.
     """
-    from megavid.data.shards import list_shards
+    from megavid.shards.format import list_shards
 
     index = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0].parent / "index.jsonl"
     try:
@@ -890,7 +890,7 @@ def is_image_split(data_cfg: DataConfig, split: str) -> bool:
             members = json.loads(f.readline() or "{}").get("members", {})
     except (OSError, ValueError):
         return False  # build_sample_table reports a missing or broken index
-    return any(ext in pyav_backend.IMAGE_EXTS for ext in members)
+    return any(ext in IMAGE_EXTS for ext in members)
 
 
 def _resolve_auto(data_cfg: DataConfig, split: str) -> str:
@@ -901,7 +901,7 @@ def _resolve_auto(data_cfg: DataConfig, split: str) -> str:
     if not all(hasattr(dali, f) for f in ("build_dali_loader", "select_backend",
                                           "get_shard_codec")):
         return "pyav"
-    from megavid.data.shards import list_shards
+    from megavid.shards.format import list_shards
 
     if is_image_split(data_cfg, split):
         # a GPU decodes JPEGs in its hardware engines (DESIGN.md); without one, PIL in the

@@ -23,23 +23,11 @@ import numpy as np
 
 from megavid.data.sampling import timestamps_to_indices
 from megavid.errors import DataError
+from megavid.video_io import open_input
 
 # Seeking costs a demuxer/decoder flush; below this many frames into the video it is cheaper
 # (and safer for files with a broken index) to decode from the start.
 _SEEK_MIN_FRAMES = 8
-
-
-# A container tag that is not UTF-8 must not make a decodable video unreadable. PyAV < 19
-# decodes tags strictly unless told to ignore errors; PyAV 19 always decodes them with
-# surrogateescape and no longer takes the argument (passing it is a TypeError).
-_OPEN_KW = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
-
-
-def open_input(data: bytes | str | os.PathLike) -> av.container.InputContainer:
-    """``av.open`` for reading an encoded video (its bytes or a path), tolerant of non-UTF-8
-    container tags on every PyAV version."""
-    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else str(data)
-    return av.open(src, mode="r", **_OPEN_KW)
 
 
 def probe_video(data: bytes | str | os.PathLike) -> dict:
@@ -298,10 +286,6 @@ def trim_to_gops(data: bytes, frames: np.ndarray) -> tuple[bytes, np.ndarray]:
         return buf.getvalue(), np.searchsorted(kept, frames).astype(np.int32)
     except (av.FFmpegError, ValueError, IndexError):
         return data, frames.astype(np.int32)  # DALI decodes (or reports) the original
-
-
-IMAGE_EXTS = ("jpg", "jpeg", "png")
-"""Shard member extensions of image samples (``{key}.jpg`` + ``{key}.json``)."""
 
 
 def decode_image(data: bytes, num_frames: int) -> np.ndarray:

@@ -20,11 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from megavid.errors import DataError
+from megavid.shards.format import FRAME_TOLERANCE
 
 MAX_NUM_FRAMES = 96
-FRAME_TOLERANCE = 1e-6
-"""Fraction of a frame by which a timestamp may fall short of a frame boundary and still count
-as that frame (float error of t * fps at exact boundaries)."""
 
 # Independent random streams per sample: drawing a caption must not shift the frame offsets.
 RNG_STREAMS: dict[str, int] = {"frames": 0, "caption": 1, "augment": 2}

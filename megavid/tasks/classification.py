@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavid.config import Config, to_dict
+from megavid.data.loader import read_split_meta
 from megavid.errors import CheckpointError, ConfigError, DataError
 from megavid.tasks import register_task
-from megavid.data.loader import read_split_meta
 from megavid.tasks.base import VideoTextTask
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def read_class_file(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, 
 
 def read_label_file(path: str | os.PathLike[str], *, multilabel: bool = False) -> dict[str, Any]:
     """Labels from a label file beside the shards, read by make-shards' own annotation readers
-    (:mod:`megavid.data.annotations`, so each format has one parser): a Charades-Ego CSV
+    (:mod:`megavid.shards.ingest.annotations`, so each format has one parser): a Charades-Ego CSV
     (``id``, ``actions`` = ``c092 11.9 21.2;c147 0.0 12.6``: the class numbers of a video) or a
     ``path,label`` list (``classification``; ``multilabel``: ``path,l1;l2``).
 
@@ -117,7 +117,7 @@ def read_label_file(path: str | os.PathLike[str], *, multilabel: bool = False) -
     Returns:
         video id (the video's path and its stem) -> label, or list of labels.
     """
-    from megavid.data.annotations import detect_format, read_annotations
+    from megavid.shards.ingest.annotations import detect_format, read_annotations
 
     p = Path(path)
     if not p.is_file():

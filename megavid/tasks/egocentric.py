@@ -107,7 +107,7 @@ def read_relevancy_rows(path: str | Path) -> list[str]:
     """The sample keys of the relevancy matrix's rows: the ``narration_id`` column of EK-100's
     ``EPIC_100_retrieval_test.csv``, read by make-shards' own ``epic_kitchens`` reader (which
     keys the shards by the same id)."""
-    from megavid.data.annotations import read_annotations
+    from megavid.shards.ingest.annotations import read_annotations
 
     p = Path(path)
     if not p.is_file():
@@ -173,7 +173,7 @@ _NARRATION_MARKER = re.compile(r"^\s*#\w+\s*")
 def egomcq_clip_key(clip: dict[str, Any]) -> str:
     """The shard key of an EgoMCQ clip (a window of ``<video_uid>``): make-shards' key of the
     same window, so a question finds the sample made from its clip."""
-    from megavid.data.make_shards import make_key
+    from megavid.shards.ingest.options import make_key
 
     return make_key(str(clip["video_uid"]), float(clip["clip_start"]), float(clip["clip_end"]))
 

@@ -43,7 +43,7 @@ def check_data(cfg: Config, *splits: str) -> None:
     if cfg.data.name != "shards":
         return
     from megavid.data.loader import get_split_spec
-    from megavid.data.shards import list_shards
+    from megavid.shards.format import list_shards
 
     for split in splits:
         list_shards(get_split_spec(cfg.data, split), cfg.data.root)

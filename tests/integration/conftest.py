@@ -1,5 +1,5 @@
 """Fixtures of the task integration tests: one small moving-shapes dataset per session (real
-VP9 files and real webdataset shards, made by megavid.data.synthetic.generate_synthetic) and
+VP9 files and real webdataset shards, made by megavid.shards.synthetic.generate_synthetic) and
 the config tokens of a tiny CPU model."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def synthetic_spec() -> dict:
 def synthetic_root(tmp_path_factory) -> Path:
     """The dataset folder (raw videos + shards for train/val/test), made once per session."""
     from megavid.config import SyntheticConfig
-    from megavid.data.synthetic import generate_synthetic
+    from megavid.shards.synthetic import generate_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(root, SyntheticConfig(**SYNTH), workers=2, shard_max_count=128)

@@ -365,7 +365,7 @@ def test_annotation_mistakes_give_counted_skips_or_clear_errors(synthetic_root, 
     misspelled caption field ('captoin': no caption field is found) -> counted skip
     'no_caption'; a misspelled video field and a QA entry without 'answer' -> an error naming
     the field and the line, exit code 2, no shard written."""
-    from megavid.data.shards import read_index
+    from megavid.shards.format import read_index
 
     videos = synthetic_root / "raw" / "train"
     good = sorted(p.name for p in videos.glob("*.webm"))[:2]

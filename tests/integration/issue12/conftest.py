@@ -22,7 +22,7 @@ def issue12_root(tmp_path_factory) -> Path:
     """256 train / 64 val / 256 test clips, 8 frames of 32x32 VP9: the linear probe's evidence
     needs a few hundred clips (its train and held-out test); the other tests use parts."""
     from megavid.config import SyntheticConfig
-    from megavid.data.synthetic import generate_synthetic
+    from megavid.shards.synthetic import generate_synthetic
 
     root = tmp_path_factory.mktemp("issue12_data")
     generate_synthetic(root, SyntheticConfig(num_train=256, num_val=64, num_test=256, frames=8,

@@ -4,7 +4,7 @@
 conftest.py, and only one of them can be the module named ``conftest`` at a time.)
 
 Videos are encoded with PyAV (libvpx-vp9 / libx264) and written with the project's shard
-writer (``megavid.data.shards.write_shards``), so the tars, ``.idx`` files and
+writer (``megavid.shards.writer.write_shards``), so the tars, ``.idx`` files and
 ``index.jsonl`` are the ones every loader reads. Frames are smooth gradients with a moving
 bar and a per-frame brightness ramp: each frame index is identifiable, and resampling
 differences between backends stay small (no high-frequency noise).
@@ -45,8 +45,8 @@ def make_shards(out_dir: Path, n: int, *, codec: str = "vp9", max_count: int = 5
                 corrupt: tuple[int, ...] = ()) -> Path:
     """Write ``n`` samples into shards of ``max_count``; samples in ``corrupt`` get a video
     member whose bitstream is garbage after a valid header (DALI fails on it)."""
-    from megavid.data.shards import ShardSample, write_shards
-    from megavid.data.synthetic import encode_clip
+    from megavid.shards.synthetic import encode_clip
+    from megavid.shards.writer import ShardSample, write_shards
 
     ext = "webm" if codec == "vp9" else "mp4"
     samples = []
@@ -98,7 +98,7 @@ def make_image_shards(out_dir: Path, n: int, *, corrupt: tuple[int, ...] = ()) -
 
     from PIL import Image
 
-    from megavid.data.shards import ShardSample, write_shards
+    from megavid.shards.writer import ShardSample, write_shards
 
     samples = []
     for i in range(n):

@@ -25,7 +25,8 @@ pytest.importorskip("nvidia.dali")
 
 from megavid.data.dali import DaliLoader, FramesDaliLoader, build_dali_loader  # noqa: E402
 from megavid.data.loader import build_pyav_loader  # noqa: E402
-from megavid.data.shards import ShardSample, read_index, write_shards  # noqa: E402
+from megavid.shards.format import read_index  # noqa: E402
+from megavid.shards.writer import ShardSample, write_shards  # noqa: E402
 
 
 def _load_bad_shards():
@@ -148,7 +149,7 @@ def damaged_frames(tmp_path_factory) -> tuple[Path, list[str], dict[str, str]]:
     """20 frames samples (6 JPEGs of 64x48 each, 4 fps) in 4 tars of 5; 00001.tar cut in its
     third sample's fourth frame; every frame of two samples of 00002.tar overwritten with
     random bytes (seeded). Reference: tarfile + PIL, not the loaders."""
-    from megavid.data.frames import get_frame_ext
+    from megavid.shards.format import get_frame_ext
 
     d = tmp_path_factory.mktemp("damaged_frames") / "shards"
     samples = []

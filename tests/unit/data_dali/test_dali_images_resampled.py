@@ -18,8 +18,8 @@ pytest.importorskip("nvidia.dali")
 
 from megavid.data.dali import DaliLoader, ImageDaliLoader, build_dali_loader  # noqa: E402
 from megavid.data.loader import build_loader, build_pyav_loader  # noqa: E402
-from megavid.data.shards import read_index, read_sample  # noqa: E402
 from megavid.errors import DataError  # noqa: E402
+from megavid.shards.format import read_index, read_sample  # noqa: E402
 
 # Mean |DALI - PyAV| in uint8: DALI's antialiased ROI resize vs torch's antialiased bilinear
 # interpolate (libjpeg-turbo decodes in both); measured 0.09-0.12 on images, ~1.4 on the VP9

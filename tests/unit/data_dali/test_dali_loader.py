@@ -100,8 +100,8 @@ def test_eval_frame_indices_are_segment_centres():
 def test_decoded_frames_are_the_planned_ones(vp9_shards):
     """DALI's output frame t matches PyAV's full decode of frame plan.frames[t], resized with
     the same box, better than any neighbouring frame (independent of the loader code)."""
-    from megavid.data.shards import read_index, read_sample
     from megavid.data.transforms import resize
+    from megavid.shards.format import read_index, read_sample
 
     cfg = data_cfg(vp9_shards, img_size=32)
     loader = build_dali_loader(cfg, "train", train=True, seed=5, device="cpu")
@@ -194,8 +194,8 @@ def test_switching_backend_on_resume_and_wrapping_tail(vp9_shards):
 
 
 def test_corrupt_sample_is_named_quarantined_and_skipped(corrupt_shards, tmp_path):
-    from megavid.data.probe import VideoProbeError, probe_video
-    from megavid.data.shards import read_index, read_sample
+    from megavid.shards.format import read_index, read_sample
+    from megavid.shards.ingest.probe import VideoProbeError, probe_video
 
     entries = {e["key"]: e for e in read_index(corrupt_shards)}
     # independent reference: PyAV cannot decode the two corrupt members either
@@ -292,7 +292,7 @@ def test_loader_built_through_build_loader(vp9_shards):
 def test_dali_webdataset_reader_reads_the_idx_files_two_ranks(vp9_shards):
     """fn.readers.webdataset with the shards' NNNNN.idx and shard_id/num_shards: the two
     ranks' contiguous ranges cover every sample once, with the bytes index.jsonl points at."""
-    from megavid.data.shards import read_index, read_sample
+    from megavid.shards.format import read_index, read_sample
 
     entries = read_index(vp9_shards)
     got = [[(m, v) for m, v in iter_dali_reader(vp9_shards, shard_id=r, num_shards=2,

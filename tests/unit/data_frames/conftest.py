@@ -46,7 +46,8 @@ def sources(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def frames_shards(sources, tmp_path_factory) -> Path:
     """Frames shards (8 fps, short side 144, quality 90), two shards (2 + 1 samples)."""
-    from megavid.data.make_shards import MakeShardsOptions, make_shards
+    from megavid.shards.ingest.make_shards import make_shards
+    from megavid.shards.ingest.options import MakeShardsOptions
 
     videos, ann = sources
     out = tmp_path_factory.mktemp("frames") / "shards"
@@ -59,7 +60,8 @@ def frames_shards(sources, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def video_shards(sources, tmp_path_factory) -> Path:
     """Video shards of the same sources (codec keep: the original mp4 bytes)."""
-    from megavid.data.make_shards import MakeShardsOptions, make_shards
+    from megavid.shards.ingest.make_shards import make_shards
+    from megavid.shards.ingest.options import MakeShardsOptions
 
     videos, ann = sources
     out = tmp_path_factory.mktemp("video") / "shards"

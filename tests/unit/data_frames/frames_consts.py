@@ -20,7 +20,8 @@ carphone: 120 frames, a single keyframe."""
 def make_gop_shards(videos: Path, out: Path, codec: str, *, gop: int = GOP,
                     workers: int = 1) -> Path:
     """``make-shards --codec codec --gop gop --short-side 96`` of GOP_SOURCES into ``out``."""
-    from megavid.data.make_shards import MakeShardsOptions, make_shards
+    from megavid.shards.ingest.make_shards import make_shards
+    from megavid.shards.ingest.options import MakeShardsOptions
 
     ann = out.parent / f"{out.name}.csv"
     with open(ann, "w", newline="") as f:

@@ -21,16 +21,13 @@ import torch
 from PIL import Image
 
 from megavid.config import DataConfig
-from megavid.data.frames import (
-    frames_at,
-    get_bytes_per_clip_second,
-    get_frame_exts,
-    sample_clip_frames,
-)
+from megavid.data.frames import frames_at, sample_clip_frames
 from megavid.data.loader import build_loader
 from megavid.data.sampling import get_sample_rng, sample_timestamps
-from megavid.data.shards import read_index, verify_shards
 from megavid.data.transforms import transform_clip
+from megavid.shards.format import get_frame_exts, read_index
+from megavid.shards.stats import get_bytes_per_clip_second
+from megavid.shards.verify import verify_shards
 
 from frames_consts import FPS, SHORT_SIDE
 
@@ -300,8 +297,8 @@ def test_corrupt_frame_is_quarantined_and_replaced(frames_shards, tmp_path):
 
 
 def test_make_shards_cli_frames_is_deterministic_and_checks_options(sources, tmp_path):
-    from megavid.data.make_shards import main
     from megavid.errors import DataError
+    from megavid.shards.ingest.make_shards import main
 
     videos, _ = sources
     ann = tmp_path / "one.csv"

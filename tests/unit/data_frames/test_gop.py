@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from megavid.config import DataConfig
-from megavid.data.make_shards import MakeShardsOptions, _manifest_options, make_shards
 from megavid.data.pyav_backend import decode_clip, trim_to_gops
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
-from megavid.data.shards import read_index, read_sample
 from megavid.errors import DataError
+from megavid.shards.format import read_index, read_sample
+from megavid.shards.ingest.make_shards import _manifest_options, make_shards
+from megavid.shards.ingest.options import MakeShardsOptions
 
 from frames_consts import GOP, GOP_SOURCES, make_gop_shards
 

@@ -1,5 +1,5 @@
 """Fixtures: tiny real VP9 clips (encoded with PyAV/libvpx) written into real tar shards by
-``megavid.data.shards.write_shards``, with their index.jsonl / idx / stats files."""
+``megavid.shards.writer.write_shards``, with their index.jsonl / idx / stats files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loader_clips import FPS, NUM_SAMPLES, encode_video, make_clip, sample_meta
-from megavid.data.shards import ShardSample, write_shards
+from megavid.shards.writer import ShardSample, write_shards
 
 
 @pytest.fixture(scope="session")

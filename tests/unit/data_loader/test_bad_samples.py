@@ -20,7 +20,8 @@ from PIL import Image
 from bad_shards import assert_no_duplicate_keys, damage_split
 from loader_clips import NUM_SAMPLES, data_config, sample_meta
 from megavid.data.loader import build_loader, get_permutation
-from megavid.data.shards import ShardSample, read_index, write_shards
+from megavid.shards.format import read_index
+from megavid.shards.writer import ShardSample, write_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -109,7 +109,7 @@ def test_decord_is_a_registered_backend_and_pyav_still_encodes_vp9():
     assert "decord" in LOADER_BACKENDS and decord_backend.decord_available()
     # decord loads an older libvpx with RTLD_GLOBAL; through decord_backend PyAV comes first
     code = ("import numpy as np, megavid.data.decord_backend as d, decord\n"
-            "from megavid.data.synthetic import encode_clip\n"
+            "from megavid.shards.synthetic import encode_clip\n"
             "v = encode_clip(np.zeros((4, 32, 32, 3), np.uint8), 8, 'vp9')\n"
             "print(len(d.decode_clip(v, np.zeros(2), fps=8.0)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

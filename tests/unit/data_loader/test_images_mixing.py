@@ -20,8 +20,8 @@ from loader_clips import NUM_SAMPLES, SIZE, data_config
 from megavid.data.loader import build_loader
 from megavid.data.mixing import MixedLoader
 from megavid.data.pyav_backend import decode_image
-from megavid.data.shards import ShardSample, write_shards
 from megavid.errors import ConfigError, DataError
+from megavid.shards.writer import ShardSample, write_shards
 
 NUM_IMAGES = 6
 IMG_H, IMG_W = SIZE, SIZE + 16  # landscape: eval centre-crops columns 8..8+SIZE

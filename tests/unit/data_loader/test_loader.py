@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megavid.data.loader import build_loader, get_backend, get_permutation
-from megavid.data.shards import read_index
 from megavid.errors import ConfigError, DataError
+from megavid.shards.format import read_index
 
 from loader_clips import NUM_SAMPLES, data_config, frame_level, sample_colour
 

@@ -126,7 +126,7 @@ def _with_title(data: bytes, title: bytes) -> bytes:
 def test_a_container_tag_that_is_not_utf8_does_not_make_the_video_unreadable(long_vp9):
     """PyAV < 19 fails the open on such a tag unless told to ignore errors; PyAV 19 decodes
     tags with surrogateescape and rejects the argument. Both must read the frames."""
-    from megavid.data.probe import probe_video as probe_for_shards
+    from megavid.shards.ingest.probe import probe_video as probe_for_shards
 
     bad = _with_title(long_vp9, b"\xff\xfe\xfd\xfc\xfb\xfa")
     if int(av.__version__.split(".")[0]) < 19:  # the failure the option exists for

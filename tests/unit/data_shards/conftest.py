@@ -25,7 +25,7 @@ def syn_config():
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic dataset (raw + shards), made with 2 worker processes."""
-    from megavid.data.synthetic import generate_synthetic
+    from megavid.shards.synthetic import generate_synthetic
 
     root = tmp_path_factory.mktemp("syn2")
     # shard_max_count=5 so that splits span several shards
@@ -73,7 +73,7 @@ def videos_dir(tmp_path_factory) -> Path:
     _faststart_copy(src / "bikes.mp4", d / "bikes_faststart.mp4")
     fs = (d / "bikes_faststart.mp4").read_bytes()
     (d / "truncated_faststart.mp4").write_bytes(fs[: len(fs) // 2])  # opens, stops decoding
-    from megavid.data.make_shards import transcode
+    from megavid.shards.ingest.transcode import transcode
 
     webm, _ = transcode(src / "bikes.mp4", "vp9", short_side=64, max_fps=8)
     (d / "truncated.webm").write_bytes(webm[: len(webm) * 6 // 10])  # decodes 6 s of 10

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megavid.data.annotations import detect_format, read_annotations
 from megavid.errors import DataError
+from megavid.shards.ingest.annotations import detect_format, read_annotations
 
 
 def _w(path: Path, text: str) -> Path:
@@ -195,8 +195,9 @@ def test_classification_list_end_to_end(videos_dir, tmp_path):
     classification task's LabelSpace reads them into the targets expected by hand."""
     import shutil
 
-    from megavid.data.make_shards import MakeShardsOptions, make_shards
-    from megavid.data.shards import read_index, read_sample
+    from megavid.shards.format import read_index, read_sample
+    from megavid.shards.ingest.make_shards import make_shards
+    from megavid.shards.ingest.options import MakeShardsOptions
     from megavid.tasks.classification import LabelSpace
 
     vids = tmp_path / "UCF-101"

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from megavid.data.annotations import detect_format, read_annotations
-from megavid.data.make_shards import MakeShardsOptions, make_key, make_shards
-from megavid.data.shards import read_index
 from megavid.errors import DataError
+from megavid.shards.format import read_index
+from megavid.shards.ingest.annotations import detect_format, read_annotations
+from megavid.shards.ingest.make_shards import make_shards
+from megavid.shards.ingest.options import MakeShardsOptions, make_key
 
 
 def _w(path: Path, obj) -> Path:

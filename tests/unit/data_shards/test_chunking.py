@@ -11,10 +11,12 @@ import av
 import numpy as np
 import pytest
 
-from megavid.data.chunking import get_chunk_bounds
-from megavid.data.make_shards import MakeShardsOptions, make_shards
-from megavid.data.shards import read_index, read_sample, verify_shards
 from megavid.errors import DataError
+from megavid.shards.format import read_index, read_sample
+from megavid.shards.ingest.chunking import get_chunk_bounds
+from megavid.shards.ingest.make_shards import make_shards
+from megavid.shards.ingest.options import MakeShardsOptions
+from megavid.shards.verify import verify_shards
 
 # the header of EPIC_100_train.csv
 EK100_HEADER = ("narration_id,participant_id,video_id,narration_timestamp,start_timestamp,"

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from megavid import cli
-from megavid.data.make_shards import MakeShardsOptions, make_shards
-from megavid.data.shards import iter_tar_samples, read_index, read_sample, verify_shards
 from megavid.errors import DataError
+from megavid.shards.format import iter_tar_samples, read_index, read_sample
+from megavid.shards.ingest.make_shards import make_shards
+from megavid.shards.ingest.options import MakeShardsOptions
+from megavid.shards.verify import verify_shards
 
 
 def _v2d_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:

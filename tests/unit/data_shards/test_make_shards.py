@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from megavid import cli
-from megavid.data.make_shards import MakeShardsOptions, make_shards
-from megavid.data.shards import read_index, read_sample, verify_shards
 from megavid.errors import DataError
+from megavid.shards.format import read_index, read_sample
+from megavid.shards.ingest.make_shards import make_shards
+from megavid.shards.ingest.options import MakeShardsOptions
+from megavid.shards.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[3]
 

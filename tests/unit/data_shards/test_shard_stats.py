@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from megavid import cli
-from megavid.data.make_shards import MakeShardsOptions, make_shards
-from megavid.data.stats import DURATION_BINS, get_shard_stats
 from megavid.errors import DataError
+from megavid.shards.ingest.make_shards import make_shards
+from megavid.shards.ingest.options import MakeShardsOptions
+from megavid.shards.stats import DURATION_BINS, get_shard_stats
 
 
 def _members(shard_dir: Path) -> list[tuple[dict, dict[str, int]]]:

@@ -15,18 +15,10 @@ import pytest
 import webdataset as wds
 
 from megavid import cli
-from megavid.data.shards import (
-    SampleFailure,
-    ShardSample,
-    complete_shards,
-    list_shards,
-    read_index,
-    read_sample,
-    verify_main,
-    verify_shards,
-    write_shards,
-)
 from megavid.errors import DataError
+from megavid.shards.format import list_shards, read_index, read_sample
+from megavid.shards.verify import verify_main, verify_shards
+from megavid.shards.writer import SampleFailure, ShardSample, complete_shards, write_shards
 
 
 def _raw_samples(root: Path, split: str = "train") -> list[ShardSample]:
@@ -230,7 +222,7 @@ def test_resume_after_partial_write_is_byte_identical(synthetic_root, tmp_path):
 
 def test_h264_samples_in_shards(tmp_path, syn_config):
     """mp4 members: the writer/verifier are codec-agnostic (PyAV decodes H.264)."""
-    from megavid.data.synthetic import generate_synthetic
+    from megavid.shards.synthetic import generate_synthetic
 
     generate_synthetic(tmp_path, syn_config(codec="h264", num_train=0, num_test=0, num_val=2), workers=1)
     d = tmp_path / "shards" / "val"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from megavid import cli
-from megavid.data import synthetic as syn_mod
-from megavid.data.shards import list_shards, read_index
 from megavid.errors import ConfigError
+from megavid.shards import synthetic as syn_mod
+from megavid.shards.format import list_shards, read_index
 
 
 def _decode(path: Path) -> np.ndarray:

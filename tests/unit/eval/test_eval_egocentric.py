@@ -29,7 +29,7 @@ def _clip(uid: str, start: float, end: float, text: str) -> dict:
 
 
 def test_egomcq_released_layout_maps_choices_to_make_shards_keys(tmp_path):
-    from megavid.data.make_shards import make_key
+    from megavid.shards.ingest.options import make_key
 
     uid = "0a3097fc-baed-4d11-a4c9-30f07eb91af6"
     q = _clip(uid, 12.25, 13.3, "#C C opens the drawer")
@@ -92,7 +92,7 @@ def test_ek100_relevancy_pickle_sentence_csv_and_row_alignment(tmp_path):
 
 
 def test_label_files_read_by_make_shards_readers_and_found_under_data_root(tmp_path):
-    """task.cls.label_file goes through megavid.data.annotations (one parser per format), and
+    """task.cls.label_file goes through megavid.shards.ingest.annotations (one parser per format), and
     relative task.cls paths are looked up under data.root before the working directory."""
     from megavid.config import compose
     from megavid.tasks.classification import get_data_file, read_label_file

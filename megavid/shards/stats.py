@@ -3,7 +3,7 @@
 Totals (shards, samples, bytes, seconds of media, frames, captions), a duration histogram,
 codec / resolution / frame-rate / container counts, and the failures of the run that made the
 shards, by reason, from the ``NNNNN_stats.json`` files. Works for video shards and frames
-shards (JPEG members, :mod:`megavid.data.frames`): the facts come from each sample's JSON,
+shards (JPEG members, :mod:`megavid.shards.format`): the facts come from each sample's JSON,
 read by seeking to the JSON member (the media is not read, so a large folder is quick).
 """
 
@@ -17,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from megavid.data.shards import list_shards, scan_tar
 from megavid.errors import DataError
+from megavid.shards.format import list_shards, read_index, scan_tar
 
 # Upper edges (seconds) of the duration histogram bins; the last bin is open-ended.
 DURATION_BINS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -157,6 +157,19 @@ def format_shard_stats(stats: dict[str, Any]) -> str:
         more = f", ... ({len(items) - 8} more)" if len(items) > 8 else ""
         lines.append(f"  {k}: " + ", ".join(f"{v} {n}" for v, n in items[:8]) + more)
     return "\n".join(lines)
+
+
+def get_bytes_per_clip_second(shard_dir: str | Path) -> float:
+    """Payload bytes (video or JPEG members, not JSON) per second of clip window of a shard
+    folder, from its ``index.jsonl``: the storage cost of a format."""
+    total = secs = 0.0
+    for e in read_index(Path(shard_dir)):
+        total += sum(size for ext, (_, size) in e["members"].items() if ext not in ("json", "txt"))
+        end = e["end"] if e.get("end") is not None else e["duration"]
+        secs += end - (e.get("start") or 0.0)
+    if secs <= 0:
+        raise DataError(f"{shard_dir}: the samples have no duration; re-create the shards")
+    return total / secs
 
 
 def main(argv: list[str] | None = None) -> int:

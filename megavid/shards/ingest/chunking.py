@@ -26,19 +26,27 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from megavid.data.annotations import Record
-from megavid.data.make_shards import (
+import av
+
+from megavid.shards.ingest.options import (
     REASON_BAD_WINDOW,
     REASON_TRANSCODE,
     MakeShardsOptions,
     Task,
-    Transcoder,
-    _SOURCE_TO_CODEC,
     make_key,
     sanitize_key,
 )
-from megavid.data.probe import VideoProbeError, probe_video
-from megavid.data.shards import SampleFailure, ShardSample
+from megavid.shards.ingest.probe import (
+    REASON_DECODE,
+    REASON_TRUNCATED,
+    REASON_UNREADABLE,
+    VideoProbeError,
+    probe_video,
+)
+from megavid.shards.ingest.records import Record
+from megavid.shards.ingest.transcode import _SOURCE_TO_CODEC, Transcoder
+from megavid.shards.writer import SampleFailure, ShardSample
+from megavid.video_io import open_input
 
 REASON_CHUNK_NO_TEXT = "chunk_without_text"
 
@@ -77,11 +85,6 @@ def decode_frame_range(path: str | os.PathLike, first: int, stop: int,
     Raises:
         VideoProbeError: the file does not open or a frame does not decode.
     """
-    import av
-
-    from megavid.data.probe import REASON_DECODE, REASON_UNREADABLE
-    from megavid.data.pyav_backend import open_input
-
     try:
         container = open_input(path)
     except (av.error.FFmpegError, ValueError) as e:
@@ -131,8 +134,6 @@ def _rebase(item: dict[str, Any], lo: float, hi: float) -> dict[str, Any] | None
 
 def process_chunk(task: Task) -> ShardSample | SampleFailure:
     """One chunk of a video: decode its frames, re-encode them, attach the windows inside."""
-    from megavid.data.probe import REASON_TRUNCATED
-
     head = probe_video(task.path, decode=False)
     codec = task.codec if task.codec != "keep" else _SOURCE_TO_CODEC.get(head.codec, "h264")
     transcoder = Transcoder(codec, short_side=task.short_side, max_fps=task.max_fps, gop=task.gop)

@@ -22,7 +22,7 @@ Layout under ``data.root``::
 
     raw/<split>/<key>.webm|mp4   the videos
     raw/<split>.jsonl            one sample JSON per line
-    shards/<split>/              shards (megavid.data.shards)
+    shards/<split>/              shards (megavid.shards.format)
     manifest.json                the SyntheticConfig that made it (re-runs skip when equal)
 """
 
@@ -266,7 +266,7 @@ def _make_one(job: tuple[int, str, int, int, int, int, str]) -> tuple[str, bytes
     params = clip_params(seed, split, index)
     video = encode_clip(render_clip(params, frames, size), fps, codec)
     # validate like make-shards does: a video reaches a shard only after a full decode
-    from megavid.data.probe import probe_video
+    from megavid.shards.ingest.probe import probe_video
 
     info = probe_video(video, decode=True)
     if info.num_frames != frames:  # pragma: no cover - an encoder bug, not a user mistake
@@ -343,7 +343,7 @@ def generate_synthetic(
     Returns:
         {split: {"count", "shards", "bytes", "seconds"}}.
     """
-    from megavid.data.shards import ShardSample, write_shards
+    from megavid.shards.writer import ShardSample, write_shards
 
     check_synthetic_config(syn)
     root = Path(root)

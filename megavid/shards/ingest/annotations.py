@@ -72,134 +72,37 @@ so that make-shards counts them with the other failures.
 
 from __future__ import annotations
 
-import ast
 import csv
-import io
 import json
-import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from megavid.errors import DataError
+from megavid.shards.ingest.dataset_annotations import (
+    _EK100_COLS,
+    read_charades_ego,
+    read_condensed_movies,
+    read_epic_kitchens,
+    read_label_list,
+    read_queryd,
+)
+from megavid.shards.ingest.records import (
+    _CAPTION_COLS,
+    _VIDEO_COLS,
+    Record,
+    _check_captions,
+    _float_or_none,
+    _group,
+    _load_json,
+    _read_text,
+    apply_path_template,
+    check_path_template,
+)
 
 FORMATS = ("csv", "tsv", "jsonl", "json", "msrvtt", "didemo", "activitynet", "egoclip", "qa",
            "queryd", "condensed_movies", "epic_kitchens", "charades_ego", "classification",
            "multilabel")
-REASON_NO_CAPTION = "no_caption"
-REASON_BAD_CAPTION = "non_text_caption"
-REASON_BAD_WINDOW = "bad_window"
-REASON_NO_LABEL = "no_label"
-_VIDEO_COLS = ("video", "video_id", "videoid", "video_path", "path", "file", "filename", "video_uid")
-_CAPTION_COLS = ("caption", "captions", "text", "sentence", "name", "description", "clip_text")
-
-
-@dataclass(kw_only=True, slots=True)
-class Record:
-    """One sample to make: a video (path relative to the video folder, or an id), its text."""
-
-    video: str
-    captions: list[Any]
-    key: str = ""
-    """Explicit key (otherwise derived from the video name and window)."""
-    start: float | None = None
-    end: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Extra sample-JSON fields: qa, label, labels, segments, split, ..."""
-    error: str = ""
-    """A reason when the record itself is unusable (counted, not raised)."""
-    line: int = 0
-    """Where in the annotation file (1-based; 0 when not line based)."""
-
-
-def _check_captions(rec: Record) -> Record:
-    caps = rec.captions
-    if not isinstance(caps, list):
-        caps = [caps]
-    if any(not isinstance(c, str) for c in caps if c is not None):
-        rec.error = REASON_BAD_CAPTION
-        return rec
-    caps = [c.strip() for c in caps if c is not None and c.strip()]
-    if not caps:
-        rec.error = REASON_NO_CAPTION
-    rec.captions = caps
-    if rec.start is not None and rec.end is not None and not rec.error:
-        if rec.end <= rec.start or rec.start < 0:
-            rec.error = REASON_BAD_WINDOW
-    return rec
-
-
-def _float_or_none(v: Any, where: str) -> float | None:
-    if v is None or v == "":
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{where}: time {v!r} is not a number; fix the annotation file") from e
-
-
-def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise DataError(f"annotation file '{path}' does not exist; pass --annotations FILE")
-    if not path.is_file():
-        raise DataError(f"annotation path '{path}' is not a file; pass --annotations FILE")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read annotation file '{path}' ({e}); check its permissions/encoding") from e
-
-
-def _load_json(path: Path) -> Any:
-    text = _read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"annotation file '{path}' is not valid JSON ({e}); check --format") from e
-
-
-def _group(records: list[Record]) -> list[Record]:
-    """Merge records of the same (key, video, window) into one, captions in file order.
-    (The same key on different videos stays separate: make-shards reports a duplicate.)"""
-    out: dict[tuple, Record] = {}
-    for r in records:
-        k = (r.key, r.video, r.start, r.end)
-        if k in out and not r.error and not out[k].error:
-            out[k].captions = list(out[k].captions) + list(r.captions)
-            for qa in r.extra.get("qa", []):
-                out[k].extra.setdefault("qa", []).append(qa)
-        elif k not in out:
-            out[k] = r
-        else:
-            # an erroneous duplicate row: keep it separate so it is counted
-            out[k + (len(out),)] = r
-    return list(out.values())
-
-
-def check_path_template(template: str, cols: list[str], path: Path) -> None:
-    """Raise DataError unless every ``{field}`` of a ``--path-template`` is a column of ``path``."""
-    import string
-
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise DataError(f"--path-template {template!r} is not a valid format string ({e})") from e
-    bad = [f for f in fields if not f or f.split(".")[0].split("[")[0] not in cols]
-    if bad or not fields:
-        raise DataError(
-            f"--path-template {template!r} names {', '.join(map(repr, bad)) or 'no column'}, which "
-            f"{path} does not have (columns: {', '.join(cols)}); use {{column}} fields of the file"
-        )
-
-
-def apply_path_template(template: str | None, row: dict[str, Any], default: str, where: str) -> str:
-    """The video path of one row: ``template.format(**row)`` (stripped values), or ``default``."""
-    if not template:
-        return default
-    try:
-        return template.format(**{k: (v or "").strip() for k, v in row.items() if k is not None})
-    except (ValueError, IndexError, KeyError) as e:
-        raise DataError(f"{where}: --path-template {template!r} does not apply to this row ({e})") from e
 
 
 def read_table(path: Path, *, delimiter: str, video_col: str | None = None,
@@ -409,243 +312,6 @@ def read_qa(path: Path) -> list[Record]:
             caption = f"{q['question'].rstrip('?').strip()}? {q['answer']}"
         recs.append(_check_captions(Record(video=str(video), captions=[caption], extra={"qa": [qa]}, line=i + 1)))
     return _group(recs)
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset-specific formats
-# --------------------------------------------------------------------------------------------
-class _PlainUnpickler(pickle.Unpickler):
-    """Unpickles only built-in containers and scalars: a pickle can name any callable, and an
-    annotation file must never run code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an annotation pickle")
-
-
-def _read_table_rows(path: Path, need: set[str], what: str) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows of a CSV (or TSV, told by a tab in the header) that must have the ``need`` columns."""
-    text = _read_text(path)
-    first = text.split("\n", 1)[0]
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if "\t" in first else ",")
-    cols = [c.strip() for c in reader.fieldnames or []]
-    missing = need - set(cols)
-    if missing:
-        raise DataError(f"{path}: not {what} (missing columns {', '.join(sorted(missing))}); check --format")
-    rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
-    return rows, cols
-
-
-def read_queryd(path: Path, split: str | None = None) -> list[Record]:
-    """QuerYD ``raw_captions_combined_filtered*.pkl`` (or the same mapping as JSON):
-    ``{video_id: [[token, ...], ...]}`` -> one sample per video, a caption per sentence."""
-    if path.suffix.lower() in (".pkl", ".pickle"):
-        if not path.is_file():
-            _read_text(path)  # raises the "does not exist / not a file" error
-        try:
-            data = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-            raise DataError(f"{path}: not a QuerYD caption pickle ({e}); check --format") from e
-    else:
-        data = _load_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: not a QuerYD caption file (expected {{video_id: sentences}}); check --format")
-    keep: set[str] | None = None
-    if split:
-        split_file = path.parent / f"{split}_list.txt"
-        keep = {ln.strip() for ln in _read_text(split_file).splitlines() if ln.strip()}
-    out = []
-    for vid, sents in data.items():
-        if keep is not None and vid not in keep:
-            continue
-        caps: list[Any] = []
-        for s in sents if isinstance(sents, list) else [sents]:
-            if isinstance(s, list) and all(isinstance(t, str) for t in s):
-                caps.append(" ".join(t.strip() for t in s if t.strip()))  # a token list
-            else:
-                caps.append(s)  # a string, or something _check_captions rejects
-        extra = {"split": split} if split else {}
-        out.append(_check_captions(Record(video=str(vid), captions=caps, extra=extra)))
-    return out
-
-
-def read_condensed_movies(path: Path) -> list[Record]:
-    """Condensed Movies ``descriptions.csv``: one sample per clip (``videoid``)."""
-    text_cols = ("description", "caption")
-    rows, cols = _read_table_rows(path, {"videoid"}, "a Condensed Movies metadata CSV")
-    tcol = next((c for c in text_cols if c in cols), None)
-    if tcol is None:
-        raise DataError(f"{path}: no 'description' (or 'caption') column; check --format")
-    out = []
-    for i, row in enumerate(rows, start=2):
-        vid = (row.get("videoid") or "").strip()
-        year = (row.get("upload_year") or "").strip()
-        if year.endswith(".0"):  # pandas-written years
-            year = year[:-2]
-        extra = {k: row[k].strip() for k in ("imdbid", "title", "clip_name")
-                 if row.get(k) and row[k].strip()}
-        if year:
-            extra["upload_year"] = year
-        out.append(_check_captions(Record(
-            video=f"{year}/{vid}" if year else vid, captions=[row.get(tcol)], key=vid,
-            extra=extra, line=i)))
-    return out
-
-
-def parse_timestamp(value: str, where: str) -> float:
-    """``HH:MM:SS.ff`` (Epic-Kitchens) or plain seconds -> seconds."""
-    parts = (value or "").strip().split(":")
-    try:
-        secs = 0.0
-        for part in parts:
-            secs = secs * 60 + float(part)
-        if len(parts) > 3 or not parts[-1]:
-            raise ValueError(value)
-        return secs
-    except ValueError as e:
-        raise DataError(f"{where}: timestamp {value!r} is not HH:MM:SS.ff; fix the annotation file") from e
-
-
-def _literal(value: str) -> Any:
-    """A Python literal column (EK-100 ``all_nouns`` = ``['door', 'tap']``), else the text."""
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
-
-
-def _int_or_str(value: str) -> int | str:
-    value = value.strip()
-    return int(value) if re.fullmatch(r"-?\d+", value) else value
-
-
-_EK100_COLS = {"narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp",
-               "narration", "verb", "verb_class", "noun", "noun_class"}
-
-
-def read_epic_kitchens(path: Path) -> list[Record]:
-    """EPIC_100_{train,validation}.csv: one windowed sample per narration (the video is not cut)."""
-    rows, _ = _read_table_rows(path, _EK100_COLS, "an Epic-Kitchens-100 CSV")
-    out = []
-    for i, row in enumerate(rows, start=2):
-        where = f"{path}:{i}"
-        extra: dict[str, Any] = {
-            "narration_id": row["narration_id"].strip(), "participant_id": row["participant_id"].strip(),
-            "verb": row["verb"].strip(), "noun": row["noun"].strip(),
-        }
-        for k in ("verb_class", "noun_class"):
-            v = _int_or_str(row[k] or "")
-            if not isinstance(v, int):
-                raise DataError(f"{where}: {k} {row[k]!r} is not an integer; fix the annotation file")
-            extra[k] = v
-        for k in ("all_nouns", "all_noun_classes"):
-            if row.get(k):
-                extra[k] = _literal(row[k])
-        for k in ("start_frame", "stop_frame"):
-            if (row.get(k) or "").strip().isdigit():
-                extra[k] = int(row[k])
-        out.append(_check_captions(Record(
-            video=row["video_id"].strip(), captions=[row["narration"]], key=row["narration_id"].strip(),
-            start=parse_timestamp(row["start_timestamp"], where),
-            end=parse_timestamp(row["stop_timestamp"], where), extra=extra, line=i)))
-    return out
-
-
-def parse_charades_actions(actions: str, where: str) -> list[tuple[str, float, float]]:
-    """``c092 11.90 21.20;c147 0.00 12.60`` -> [(class id, start s, end s), ...]."""
-    out = []
-    for part in (actions or "").split(";"):
-        if not part.strip():
-            continue
-        fields = part.split()
-        if len(fields) != 3 or not re.fullmatch(r"c\d+", fields[0]):
-            raise DataError(f"{where}: action {part.strip()!r} is not 'cNNN start end'; fix the annotation file")
-        out.append((fields[0], _float_or_none(fields[1], where) or 0.0, _float_or_none(fields[2], where) or 0.0))
-    return out
-
-
-def read_charades_ego(path: Path) -> list[Record]:
-    """CharadesEgo_v1_{train,test}.csv: one multi-label sample per video with action windows."""
-    rows, cols = _read_table_rows(path, {"id", "script", "descriptions", "actions"}, "a Charades-Ego CSV")
-    meta_cols = [c for c in cols if c not in ("id", "script", "descriptions", "actions", "objects")]
-    out = []
-    for i, row in enumerate(rows, start=2):
-        where = f"{path}:{i}"
-        actions = parse_charades_actions(row["actions"], where)
-        segments = [{"start": s, "end": e, "label": int(c[1:]), "class_id": c} for c, s, e in actions]
-        extra: dict[str, Any] = {"labels": sorted({int(c[1:]) for c, _, _ in actions}),
-                                 "segments": segments}
-        extra.update({c: row[c].strip() for c in meta_cols if row.get(c) and row[c].strip()})
-        if row.get("objects"):
-            extra["objects"] = [o for o in row["objects"].split(";") if o]
-        caps = [row.get("descriptions"), row.get("script")]
-        out.append(_check_captions(Record(
-            video=row["id"].strip(), captions=[c for c in caps if c and c.strip()] or [None],
-            extra=extra, line=i)))
-    return out
-
-
-_LABEL_HEADER_VIDEO = ("path", "video", "video_id", "videoid", "filename", "file", "id")
-
-
-def read_label_list(path: Path, *, multilabel: bool, path_template: str | None = None) -> list[Record]:
-    """Classification lists (see the module doc): ``label`` or ``labels`` + a caption."""
-    text = _read_text(path)
-    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
-    if not lines:
-        raise DataError(f"label file '{path}' is empty; check --annotations")
-    is_csv = path.suffix.lower() == ".csv" or "," in lines[0][1]
-    rows: list[tuple[int, str, list[str]]] = []  # (line, video, raw labels)
-    if is_csv:
-        table = list(csv.reader([ln for _, ln in lines]))
-        header = [h.strip().lower() for h in table[0]]
-        lcol = next((c for c in ("labels", "label") if c in header), None)
-        vcol = next((c for c in _LABEL_HEADER_VIDEO if c in header), None)
-        if lcol is not None:
-            if vcol is None and not path_template:
-                raise DataError(f"{path}: no video column (one of {', '.join(_LABEL_HEADER_VIDEO)}); "
-                                "rename it or pass --path-template")
-            if path_template:
-                check_path_template(path_template, list(table[0]), path)
-            i_v = header.index(vcol) if vcol else -1
-            i_l = header.index(lcol)
-            for (line, _), r in zip(lines[1:], table[1:]):
-                row = dict(zip(table[0], r))
-                video = apply_path_template(path_template, row, r[i_v].strip() if 0 <= i_v < len(r) else "",
-                                            f"{path}:{line}")
-                raw = r[i_l] if i_l < len(r) else ""
-                rows.append((line, video, re.split(r"[;|]", raw) if multilabel else [raw]))
-        else:
-            for (line, _), r in zip(lines, table):
-                raw = r[1:] if multilabel else r[1:2]
-                if multilabel and len(raw) == 1:
-                    raw = re.split(r"[;|\s]+", raw[0])
-                rows.append((line, r[0].strip(), raw))
-    else:
-        for line, ln in lines:
-            if multilabel:
-                video, *raw = ln.split()
-            else:
-                parts = ln.rsplit(None, 1)
-                # "folder/v_x.avi 12" or "folder/v_x.avi" (UCF-101 test lists: the folder is the class)
-                if len(parts) == 2 and re.fullmatch(r"-?\d+", parts[1]):
-                    video, raw = parts[0].strip(), [parts[1]]
-                else:
-                    video = ln.strip()
-                    raw = [Path(video).parent.name]
-            rows.append((line, video, raw))
-    out = []
-    for line, video, raw in rows:
-        labels = [_int_or_str(v) for v in raw if v.strip()]
-        folder = Path(video).parent.name
-        if not labels and not multilabel:
-            out.append(Record(video=video, captions=[], error=REASON_NO_LABEL, line=line))
-            continue
-        # the caption: class names as text (a label file has no sentence of its own)
-        names = [v for v in labels if isinstance(v, str)] or ([folder] if folder else [str(v) for v in labels])
-        caption = ", ".join(n.replace("_", " ") for n in names) or None
-        extra: dict[str, Any] = {"labels": labels} if multilabel else {"label": labels[0]}
-        out.append(_check_captions(Record(video=video, captions=[caption], extra=extra, line=line)))
-    return out
 
 
 def detect_format(path: Path) -> str:
