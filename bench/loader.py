@@ -51,7 +51,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from megavid.config import DataConfig  # noqa: E402
-from megavid.data.loader import build_loader  # noqa: E402
+from megavid.data.build import build_loader  # noqa: E402
 from megavid.data.pyav_backend import probe_video  # noqa: E402
 from megavid.data.sampling import (  # noqa: E402
     get_sample_rng,
@@ -270,7 +270,7 @@ def build_backend_paths(shards: dict[str, Path], jobs: list[tuple[int, str, dict
     paths.append(("megavid PIL", "frames shards (JPEG, 8 fps)", lambda: _loader_clips(
         build_pyav_loader(cfg("frames"), "train", train=True))))
     if has_module("nvidia.dali"):
-        from megavid.data.dali import build_dali_loader
+        from megavid.data.dali.backend import build_dali_loader
 
         paths.append(("megavid DALI cpu, 1 thread", "vp9 shards", lambda: _loader_clips(
             build_dali_loader(cfg("vp9", 1), "train", train=True, device="cpu"))))
@@ -295,7 +295,7 @@ def make_backend_shards(tmp: Path, copies: int, gop: int) -> tuple[dict[str, Pat
     original file, sample JSON) in the shards' sample order."""
     from loader_gpu import _sources, make_bench_shards  # the issue-10 bench's shard maker
 
-    from megavid.data.loader import read_split_meta
+    from megavid.data.table import read_split_meta
     from megavid.shards.ingest.options import MakeShardsOptions
 
     ns = argparse.Namespace(workers=2, short_side=0, fps=8.0, quality=90)

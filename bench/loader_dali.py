@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from megavid.config import DataConfig
-    from megavid.data.dali import build_dali_loader, get_shard_codec
+    from megavid.data.dali.backend import build_dali_loader
+    from megavid.data.dali.devices import get_shard_codec
     from megavid.data.loader import build_pyav_loader
 
     width, height = (int(v) for v in args.size.split("x"))

@@ -161,7 +161,7 @@ def clips_per_s(build: Callable[[], Any], seconds: float, max_clips: int,
 
 
 def loader_paths(shards: dict[str, Path], args: argparse.Namespace) -> list[tuple[str, Callable]]:
-    from megavid.data.dali import build_dali_loader
+    from megavid.data.dali.backend import build_dali_loader
     from megavid.data.loader import build_pyav_loader
 
     cuda = torch.cuda.is_available()
@@ -189,8 +189,8 @@ def loader_paths(shards: dict[str, Path], args: argparse.Namespace) -> list[tupl
 # Video-stream path: where the per-sample time goes
 # --------------------------------------------------------------------------------------------
 def _train_plans(shards: Path, args: argparse.Namespace, n: int) -> list[tuple[bytes, dict, Any]]:
-    """(video bytes, sample JSON, ``dali.plan_clip`` train plan) of the first ``n`` samples."""
-    from megavid.data.dali import plan_clip
+    """(video bytes, sample JSON, ``dali.plan.plan_clip`` train plan) of the first ``n`` samples."""
+    from megavid.data.dali.plan import plan_clip
     from megavid.shards.format import read_index, read_sample
 
     out = []
@@ -207,7 +207,7 @@ def _dali_ms(inputs: list[tuple], *, full: bool, args: argparse.Namespace, reps:
     pipeline (decode + crop/resize + flip + transpose), else ``fn.decoders.video`` alone."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from megavid.data.dali import build_video_pipeline
+    from megavid.data.dali.pipelines import build_video_pipeline
 
     feed = inputs * reps
 
@@ -273,7 +273,7 @@ def profile_video_path(shards: dict[str, Path], args: argparse.Namespace) -> lis
 
     def feeding(items: list) -> float:
         # what the external source does per sample in Python: pread + JSON + plan
-        from megavid.data.dali import plan_clip
+        from megavid.data.dali.plan import plan_clip
         from megavid.shards.format import read_index, read_sample
 
         folder = next(shards[k] for k in kinds if cols[k] is items)
@@ -359,7 +359,7 @@ def profile_video_path(shards: dict[str, Path], args: argparse.Namespace) -> lis
 
 
 def dali_ok() -> bool:
-    from megavid.data.dali import dali_available
+    from megavid.data.dali.devices import dali_available
 
     return dali_available()
 
@@ -418,7 +418,7 @@ class FileReaderLoader:
         self.pipe.build()
 
     def __iter__(self):
-        from megavid.data.dali import dali_to_torch
+        from megavid.data.dali.pipelines import dali_to_torch
 
         while True:
             (video,) = self.pipe.run()
@@ -428,7 +428,7 @@ class FileReaderLoader:
 def attempt_paths(shards: dict[str, Path], files: dict[str, list[str]],
                   args: argparse.Namespace) -> list[tuple[str, str, int, Callable]]:
     """(attempt, path, cores used, loader builder) of every video-stream attempt."""
-    from megavid.data.dali import build_dali_loader
+    from megavid.data.dali.backend import build_dali_loader
     from megavid.data.loader import build_pyav_loader
 
     cuda = torch.cuda.is_available()
@@ -485,7 +485,7 @@ def step_times(shards: Path, args: argparse.Namespace) -> dict[str, float]:
     """Median seconds per TimeSformer-B + BERT-B step (bf16 autocast, AdamW), with synthetic
     clips already on the GPU and with batches from the loader ``data.backend=auto`` picks."""
     from megavid.config import compose
-    from megavid.data.loader import build_loader
+    from megavid.data.build import build_loader
     from megavid.data.transforms import normalize_clip
     from megavid.models import build_model
 

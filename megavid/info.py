@@ -187,9 +187,9 @@ def _dali_unusable(name: str, device: str) -> "CheckResult | None":
     """A skip result when DALI is missing or a "mixed" check has no GPU; None when usable."""
     import torch
 
-    from megavid.data import dali
+    from megavid.data.dali.devices import dali_available
 
-    if not dali.dali_available():
+    if not dali_available():
         return CheckResult(name, None, "nvidia-dali is not installed (pip install megavid[dali])")
     if device == "mixed" and not torch.cuda.is_available():
         return CheckResult(name, None, "skipped: no CUDA GPU")
@@ -200,7 +200,7 @@ def check_dali(device: str, codec: str) -> CheckResult:
     """Decode a tiny clip with megavid's DALI pipeline on ``device`` ('cpu' or 'mixed')."""
     name = f"DALI {device} ({codec})"
     try:
-        from megavid.data import dali
+        from megavid.data.dali import pipelines
     except ImportError as e:
         return CheckResult(name, False, f"cannot import: {e}")
     skipped = _dali_unusable(name, device)
@@ -212,15 +212,15 @@ def check_dali(device: str, codec: str) -> CheckResult:
         inputs = ([np.frombuffer(video, np.uint8)], [np.array(frames, np.int32)],
                   [np.zeros(2, np.float32)], [np.full(2, float(CHECK_SIZE), np.float32)],
                   [np.array(0, np.int32)])
-        pipe = dali.build_video_pipeline(dali.one_batch_source(inputs), batch_size=1,
+        pipe = pipelines.build_video_pipeline(pipelines.one_batch_source(inputs), batch_size=1,
                                          img_size=CHECK_SIZE,
                                          device=device, prefetch=1)
         (out,) = pipe.run()
-        got = dali.dali_to_torch(out).cpu().numpy()[0].transpose(0, 2, 3, 1)  # T, H, W, C
+        got = pipelines.dali_to_torch(out).cpu().numpy()[0].transpose(0, 2, 3, 1)  # T, H, W, C
         err = float(np.abs(got.astype(float) - _reference(video, frames)).mean())
     except Exception as e:  # noqa: BLE001 - the check reports whatever breaks
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        msg = dali._first_error_line(e) if lines else type(e).__name__
+        msg = pipelines._first_error_line(e) if lines else type(e).__name__
         return CheckResult(name, False, f"{type(e).__name__}: {msg}")
     # YUV->RGB conversion and chroma upsampling differ slightly between FFmpeg builds
     return CheckResult(name, err < 4.0, f"frames 0/4/7 decoded, mean |diff| vs PyAV {err:.2f}")
@@ -231,7 +231,7 @@ def check_dali_frames(device: str) -> CheckResult:
     ('cpu' or 'mixed': hardware JPEG decoder) and compare with PIL's decode."""
     name = f"DALI {device} (jpeg frames)"
     try:
-        from megavid.data import dali
+        from megavid.data.dali import pipelines
         from megavid.data.frames import decode_jpeg
         from megavid.shards.ingest.frames import encode_jpeg
     except ImportError as e:
@@ -243,15 +243,15 @@ def check_dali_frames(device: str) -> CheckResult:
         jpegs = [encode_jpeg(f) for f in _test_frames(3)]
         inputs = ([np.frombuffer(j, np.uint8) for j in jpegs], [np.zeros(2, np.float32)] * 3,
                   [np.full(2, float(CHECK_SIZE), np.float32)] * 3, [np.array(0, np.int32)] * 3)
-        pipe = dali.build_frames_pipeline(dali.one_batch_source(inputs), batch_size=3,
+        pipe = pipelines.build_frames_pipeline(pipelines.one_batch_source(inputs), batch_size=3,
                                           img_size=CHECK_SIZE,
                                           device=device, prefetch=1)
         (out,) = pipe.run()
-        got = dali.dali_to_torch(out).cpu().numpy().transpose(0, 2, 3, 1)  # N, H, W, C
+        got = pipelines.dali_to_torch(out).cpu().numpy().transpose(0, 2, 3, 1)  # N, H, W, C
         ref = np.stack([decode_jpeg(j) for j in jpegs])
         err = float(np.abs(got.astype(float) - ref).mean())
     except Exception as e:  # noqa: BLE001 - the check reports whatever breaks
-        return CheckResult(name, False, f"{type(e).__name__}: {dali._first_error_line(e)}")
+        return CheckResult(name, False, f"{type(e).__name__}: {pipelines._first_error_line(e)}")
     # IDCT and chroma upsampling differ slightly between libjpeg-turbo, nvJPEG and the hardware
     return CheckResult(name, err < 4.0, f"3 JPEG frames decoded, mean |diff| vs PIL {err:.2f}")
 
@@ -275,10 +275,11 @@ def check_dali_reader(shard_dir: str | Path) -> CheckResult:
     name = "DALI webdataset reader"
     where = str(shard_dir)
     try:
-        from megavid.data import dali
+        from megavid.data.dali.devices import dali_available
+        from megavid.data.dali.readers import iter_dali_reader
         from megavid.shards.format import is_frames_shard_dir, list_shards, read_index, read_sample
 
-        if not dali.dali_available():
+        if not dali_available():
             return CheckResult(name, None, "nvidia-dali is not installed")
         tar = list_shards(str(shard_dir))[0]
         where = tar.name
@@ -286,7 +287,7 @@ def check_dali_reader(shard_dir: str | Path) -> CheckResult:
         if is_frames_shard_dir(tar.parent):
             return _check_dali_frames_reader(tar, entries)
         n = 0
-        for meta, video in dali.iter_dali_reader(tar):
+        for meta, video in iter_dali_reader(tar):
             entry = entries.get(meta.get("key"))
             if entry is None:
                 return CheckResult(name, False, f"{tar.name}: DALI read {meta.get('key')!r}, "
@@ -308,13 +309,13 @@ def check_dali_reader(shard_dir: str | Path) -> CheckResult:
 def _check_dali_frames_reader(tar: Path, entries: dict[str, dict]) -> CheckResult:
     """``check_dali_reader`` for a frames shard: every frame DALI's reader returns equals the
     bytes at the offsets of ``index.jsonl``."""
-    from megavid.data import dali
+    from megavid.data.dali.readers import iter_dali_frames_reader
     from megavid.shards.format import is_frame_ext
 
     name = "DALI webdataset reader"
     n = 0
     with open(tar, "rb") as f:
-        for meta, frames in dali.iter_dali_frames_reader(tar):
+        for meta, frames in iter_dali_frames_reader(tar):
             entry = entries.get(meta.get("key"))
             if entry is None:
                 return CheckResult(name, False, f"{tar.name}: DALI read {meta.get('key')!r}, "
@@ -339,8 +340,9 @@ def describe_auto(shard_dir: str | Path) -> tuple[str, str, str, str]:
     """What ``data.backend=auto`` picks for a shard folder: (codec, backend, device, reason).
 
     Frames shards report codec "jpeg" and DALI's image decoder (mixed with a GPU, else cpu);
-    video shards follow ``megavid.data.dali.select_backend``'s measured rule."""
-    from megavid.data.dali import get_shard_codec, select_backend
+    video shards follow ``megavid.data.build.select_backend``'s measured rule."""
+    from megavid.data.build import select_backend
+    from megavid.data.dali.devices import get_shard_codec
 
     codec = get_shard_codec(shard_dir)
     backend, device, reason = select_backend(codec)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megavid.config import compose
-from megavid.data.loader import build_loader
+from megavid.data.build import build_loader
 from megavid.data.transforms import normalize_clip
 from megavid.models.timesformer import build_timesformer
 from megavid.shards.synthetic import DIRECTIONS

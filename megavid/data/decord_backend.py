@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from megavid.data import pyav_backend  # noqa: F401 - PyAV before decord (see the docstring)
+from megavid.data.loader import build_pyav_loader
 from megavid.data.sampling import timestamps_to_indices
 from megavid.errors import ConfigError, DataError
 
@@ -127,8 +128,6 @@ def build_decord_loader(data_cfg: Any, split: str, *, train: bool, rank: int = 0
     Raises:
         ConfigError: decord is not installed.
     """
-    from megavid.data.loader import build_pyav_loader  # (loader imports this module lazily)
-
     if not decord_available():
         raise ConfigError("data.backend=decord but decord is not installed: pip install "
                           "'megavid[decord]' (or decord), or set data.backend=pyav")

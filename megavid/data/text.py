@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +52,13 @@ def build_tokenizer(name: str = "minilm"):
     from transformers import BertTokenizerFast
 
     return BertTokenizerFast.from_pretrained(str(get_tokenizer_path(name)), local_files_only=True)
+
+
+@functools.lru_cache(maxsize=4)
+def get_cached_tokenizer(name: str) -> Any:
+    """One tokenizer per name for all loaders of the process (train, val, test, re-builds):
+    loaders only encode with it, and loading costs ~0.3 s each time."""
+    return build_tokenizer(name)
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

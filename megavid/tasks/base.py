@@ -69,7 +69,7 @@ class VideoTextTask:
         return model
 
     def build_train_loader(self, rank: int, world_size: int):
-        from megavid.data.loader import build_loader
+        from megavid.data.build import build_loader
 
         if not self.cfg.data.quarantine and not self.cfg.run.debug:
             # DALI cannot skip a bad sample by itself: the ones it fails on are kept here
@@ -92,7 +92,7 @@ class VideoTextTask:
             rank: this process's rank.
             world_size: number of ranks.
         """
-        from megavid.data.loader import build_loader
+        from megavid.data.build import build_loader
 
         data_cfg = self.cfg.data
         frames = get_eval_num_frames(self.cfg)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavid.config import Config, to_dict
-from megavid.data.loader import read_split_meta
+from megavid.data.table import read_split_meta
 from megavid.errors import CheckpointError, ConfigError, DataError
 from megavid.tasks import register_task
 from megavid.tasks.base import VideoTextTask

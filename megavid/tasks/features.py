@@ -139,7 +139,7 @@ def load_features(folder: str | Path) -> dict[str, Any]:
 
 def _cache_signature(cfg: Config, split: str) -> dict[str, Any]:
     """What the features of a split depend on besides the weights."""
-    from megavid.data.loader import get_split_spec
+    from megavid.data.table import get_split_spec
     from megavid.tasks.base import get_eval_num_frames  # clips come from build_eval_loader
 
     return {"split": split, "shards": str(get_split_spec(cfg.data, split)), "root": cfg.data.root,

@@ -42,7 +42,7 @@ def check_data(cfg: Config, *splits: str) -> None:
     """Fails fast, before any process group or model is built, when shards are missing."""
     if cfg.data.name != "shards":
         return
-    from megavid.data.loader import get_split_spec
+    from megavid.data.table import get_split_spec
     from megavid.shards.format import list_shards
 
     for split in splits:

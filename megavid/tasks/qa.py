@@ -34,7 +34,7 @@ from torch import nn
 from megavid.config import Config, to_dict
 from megavid.errors import ConfigError, DataError
 from megavid.tasks import register_task
-from megavid.data.loader import read_split_meta
+from megavid.data.table import read_split_meta
 from megavid.tasks.base import VideoTextTask, get_frame_counts
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ def _inject(fault: str) -> None:
         return
     kind, _, where = fault.partition("@")
     if kind == "worker":
-        from megavid.data.loader import _BatchDataset
+        from megavid.data.workers import _BatchDataset
 
         step = int(where)
         original = _BatchDataset.__getitem__
@@ -41,7 +41,7 @@ def _inject(fault: str) -> None:
         _BatchDataset.__getitem__ = getitem
         return
     if kind == "dali_feed":
-        from megavid.data.dali import DaliLoader
+        from megavid.data.dali.loader import DaliLoader
 
         step = int(where)
         original_prepare = DaliLoader._prepare

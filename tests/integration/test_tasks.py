@@ -93,7 +93,7 @@ def _val_similarity_by_hand(cfg, checkpoint: Path, num_frames: int) -> torch.Ten
     with clips of ``num_frames`` frames (one caption per clip, in split order)."""
     import dataclasses
 
-    from megavid.data.loader import build_loader
+    from megavid.data.build import build_loader
     from megavid.data.transforms import normalize_clip
     from megavid.engine.checkpoint import load_model_state
     from megavid.models import build_model

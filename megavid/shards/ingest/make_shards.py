@@ -12,8 +12,8 @@ consumed in that order, and encoders run single-threaded with bitexact container
 
 Frames shards (``--shard-format frames --fps F --short-side S --quality Q``): instead of a video
 member, each sample stores the source frames on screen at F fps inside its window as JPEG members
-``{key}.0000.jpg``... (layout: ``megavid/shards/FRAMES.md``, code: :mod:`megavid.shards.ingest.frames`),
-made from the same single validation decode of the source.
+``{key}.0000.jpg``... (layout: ``megavid/shards/FRAMES.md``, code:
+:mod:`megavid.shards.ingest.frames`), made from the same single validation decode of the source.
 
 Chunking (``--chunk-seconds N``): each video is cut into re-encoded chunks of at most N
 seconds, one sample each (``<key>_cNNN``), with the windows inside re-based to the chunk

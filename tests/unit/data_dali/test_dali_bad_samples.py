@@ -23,7 +23,9 @@ from dali_shards import data_cfg, make_shards, render
 
 pytest.importorskip("nvidia.dali")
 
-from megavid.data.dali import DaliLoader, FramesDaliLoader, build_dali_loader  # noqa: E402
+from megavid.data.dali.backend import build_dali_loader  # noqa: E402
+from megavid.data.dali.image_loaders import FramesDaliLoader  # noqa: E402
+from megavid.data.dali.loader import DaliLoader  # noqa: E402
 from megavid.data.loader import build_pyav_loader  # noqa: E402
 from megavid.shards.format import read_index  # noqa: E402
 from megavid.shards.writer import ShardSample, write_shards  # noqa: E402

@@ -16,8 +16,11 @@ from dali_shards import data_cfg, make_image_shards
 
 pytest.importorskip("nvidia.dali")
 
-from megavid.data.dali import DaliLoader, ImageDaliLoader, build_dali_loader  # noqa: E402
-from megavid.data.loader import build_loader, build_pyav_loader  # noqa: E402
+from megavid.data.build import build_loader  # noqa: E402
+from megavid.data.dali.backend import build_dali_loader  # noqa: E402
+from megavid.data.dali.image_loaders import ImageDaliLoader  # noqa: E402
+from megavid.data.dali.loader import DaliLoader  # noqa: E402
+from megavid.data.loader import build_pyav_loader  # noqa: E402
 from megavid.errors import DataError  # noqa: E402
 from megavid.shards.format import read_index, read_sample  # noqa: E402
 

@@ -16,16 +16,13 @@ from dali_shards import NUM_FRAMES, data_cfg
 
 pytest.importorskip("nvidia.dali")
 
-from megavid.data.dali import (  # noqa: E402
-    DaliLoader,
-    Quarantine,
-    build_dali_loader,
-    get_dali_device,
-    get_shard_codec,
-    iter_dali_reader,
-    plan_clip,
-    select_backend,
-)
+from megavid.data.build import select_backend  # noqa: E402
+from megavid.data.dali.backend import build_dali_loader  # noqa: E402
+from megavid.data.dali.devices import get_dali_device, get_shard_codec  # noqa: E402
+from megavid.data.dali.loader import DaliLoader  # noqa: E402
+from megavid.data.dali.plan import plan_clip  # noqa: E402
+from megavid.data.dali.quarantine import Quarantine  # noqa: E402
+from megavid.data.dali.readers import iter_dali_reader  # noqa: E402
 from megavid.data.loader import build_pyav_loader  # noqa: E402
 from megavid.errors import DataError  # noqa: E402
 
@@ -283,7 +280,7 @@ def test_backend_choice_and_codec_errors(vp9_shards, h264_shards):
 
 
 def test_loader_built_through_build_loader(vp9_shards):
-    from megavid.data.loader import build_loader
+    from megavid.data.build import build_loader
 
     loader = build_loader(data_cfg(vp9_shards, backend="dali"), "train", train=True)
     assert isinstance(loader, DaliLoader) and len(loader) == 4

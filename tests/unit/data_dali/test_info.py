@@ -60,7 +60,7 @@ def test_json_report(vp9_shards, h264_shards, capsys):
     auto = r["auto"]
     assert auto[str(vp9_shards)]["codec"] == "vp9"
     assert auto[str(h264_shards)]["codec"] == "h264"
-    from megavid.data.dali import select_backend
+    from megavid.data.build import select_backend
 
     # the report shows select_backend's decision (its rule is tested in test_dali_loader.py)
     assert auto[str(h264_shards)]["backend"] == select_backend("h264")[0]

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from megavid.config import DataConfig
+from megavid.data.build import build_loader
 from megavid.data.frames import frames_at, sample_clip_frames
-from megavid.data.loader import build_loader
 from megavid.data.sampling import get_sample_rng, sample_timestamps
 from megavid.data.transforms import transform_clip
 from megavid.shards.format import get_frame_exts, read_index
@@ -163,7 +163,7 @@ def _read_json(shard_dir: Path, e: dict) -> bytes:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_dali_cpu_frames_match_pyav_decode_of_source(frames_shards, sources):
-    from megavid.data.dali import FramesDaliLoader
+    from megavid.data.dali.image_loaders import FramesDaliLoader
 
     videos, _ = sources
     loader = build_loader(_cfg(frames_shards, backend="auto"), "val", train=False)
@@ -233,7 +233,8 @@ def test_train_loader_resumes_exactly_and_backend_choice(frames_shards):
 
 def test_auto_selection_and_info(frames_shards, video_shards, capsys):
     from megavid import info
-    from megavid.data.dali import get_shard_codec, select_backend
+    from megavid.data.build import select_backend
+    from megavid.data.dali.devices import get_shard_codec
 
     assert select_backend("jpeg", has_dali=True, has_cuda=True)[:2] == ("dali", "mixed")
     assert select_backend("jpeg", has_dali=True, has_cuda=False)[:2] == ("dali", "cpu")
@@ -252,7 +253,7 @@ def test_auto_selection_and_info(frames_shards, video_shards, capsys):
 
 
 def test_dali_webdataset_reader_reads_the_layout(frames_shards):
-    from megavid.data.dali import iter_dali_frames_reader
+    from megavid.data.dali.readers import iter_dali_frames_reader
 
     seen = {}
     for tar in sorted(frames_shards.glob("*.tar")):
@@ -269,7 +270,7 @@ def test_dali_webdataset_reader_reads_the_layout(frames_shards):
 def test_mixed_hardware_decode_matches_cpu(frames_shards):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from megavid.data.dali import build_dali_loader
+    from megavid.data.dali.backend import build_dali_loader
 
     cfg = _cfg(frames_shards)
     cpu = next(iter(build_dali_loader(cfg, "val", train=False, device="cpu")))

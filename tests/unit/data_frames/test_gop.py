@@ -185,7 +185,7 @@ def test_trim_to_gops_gives_dali_and_pyav_the_same_frames(gop_shards):
 @pytest.mark.slow
 def test_dali_loader_with_trimmed_gops_gives_the_same_batches(gop_shards):
     pytest.importorskip("nvidia.dali")
-    from megavid.data.dali import build_dali_loader
+    from megavid.data.dali.backend import build_dali_loader
 
     shards = gop_shards["vp9"]
     batches = []

@@ -19,7 +19,8 @@ from PIL import Image
 
 from bad_shards import assert_no_duplicate_keys, damage_split
 from loader_clips import NUM_SAMPLES, data_config, sample_meta
-from megavid.data.loader import build_loader, get_permutation
+from megavid.data.build import build_loader
+from megavid.data.order import get_permutation
 from megavid.shards.format import read_index
 from megavid.shards.writer import ShardSample, write_shards
 

@@ -18,7 +18,7 @@ import torch
 
 from loader_clips import NUM_SAMPLES, data_config, encode_video, make_clip
 from megavid.data import decord_backend, pyav_backend
-from megavid.data.loader import LOADER_BACKENDS, build_loader
+from megavid.data.build import LOADER_BACKENDS, build_loader
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
 from megavid.errors import DataError
 
@@ -122,7 +122,7 @@ def test_missing_decord_is_a_config_error(shard_root):
     """Without decord (import blocked in a fresh process) data.backend=decord names the fix."""
     code = ("import sys; sys.modules['decord'] = None\n"
             "from megavid.config import DataConfig\n"
-            "from megavid.data.loader import build_loader\n"
+            "from megavid.data.build import build_loader\n"
             "from megavid.errors import ConfigError\n"
             f"cfg = DataConfig(root={str(shard_root)!r}, backend='decord', num_frames=4, "
             "img_size=32, batch_size=3, num_workers=0)\n"

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from loader_clips import NUM_SAMPLES, SIZE, data_config
-from megavid.data.loader import build_loader
+from megavid.data.build import build_loader
 from megavid.data.mixing import MixedLoader
 from megavid.data.pyav_backend import decode_image
 from megavid.errors import ConfigError, DataError
@@ -244,7 +244,8 @@ def test_resampled_with_mixing_resumes_both_sources(mixed_root):
 
 def test_image_shards_backend_choice(mixed_root):
     pytest.importorskip("nvidia.dali")
-    from megavid.data.dali import DaliLoader, ImageDaliLoader
+    from megavid.data.dali.image_loaders import ImageDaliLoader
+    from megavid.data.dali.loader import DaliLoader
 
     # codec "jpeg" in a sample JSON would otherwise look like a frames shard to auto; without
     # a GPU auto decodes images with PIL (the PyAV loader)

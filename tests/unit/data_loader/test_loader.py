@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from megavid.data.loader import build_loader, get_backend, get_permutation
+from megavid.data.build import build_loader, get_backend
+from megavid.data.order import get_permutation
 from megavid.errors import ConfigError, DataError
 from megavid.shards.format import read_index
 

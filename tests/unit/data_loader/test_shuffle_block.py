@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from megavid.config import DataConfig
-from megavid.data.loader import build_loader, get_permutation
+from megavid.data.build import build_loader
+from megavid.data.order import get_permutation
 from megavid.errors import ConfigError
 
 from loader_clips import NUM_SAMPLES, data_config
