@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton import _LOG2E, _kernel
+from .layout import divided_temporal_qkv
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +246,6 @@ class DividedTemporalAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_frames, num_heads, scale):  # type: ignore[override]
-        from . import divided_temporal_qkv
-
         q, k, v = divided_temporal_qkv(qkv, num_frames, num_heads)
         o5, lse, m3, ms = _attn_forward(q, k, v, None, scale)
         ctx.save_for_backward(qkv, o5, lse, m3)
@@ -256,8 +255,6 @@ class DividedTemporalAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
-        from . import divided_temporal_qkv
-
         qkv, o5, lse, m3 = ctx.saved_tensors
         num_frames, num_heads, scale, ms = ctx.dims
         q, k, v = divided_temporal_qkv(qkv, num_frames, num_heads)

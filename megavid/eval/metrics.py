@@ -274,13 +274,3 @@ def nanmean_percent(values: Tensor, what: str) -> tuple[float, int]:
             f"labels / relevancy matrix belong to this split"
         )
     return float(values[defined].mean() * 100.0), num
-
-
-def __getattr__(name: str):
-    # Retrieval functions are also reachable from here (``from megavid.eval.metrics import
-    # retrieval_metrics``) without a circular import at load time.
-    if name in ("retrieval_metrics", "retrieval_ranks", "rerank_topk", "compute_similarity"):
-        from megavid.eval import retrieval
-
-        return getattr(retrieval, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
