@@ -4,7 +4,7 @@ fixed rate, resized and stored as baseline JPEGs (layout: :mod:`megavid.shards.f
 
 Why: DALI's ``fn.decoders.video`` costs ~85 ms per sample on an H100 (~12 clips/s), while the
 same frames stored as JPEG and decoded by ``fn.decoders.image`` (device "mixed", hardware JPEG
-engines) feed ~2,000 clips/s (DESIGN.md, "Measured on an H100").
+engines) feed ~2,000 clips/s (measured on an H100).
 """
 
 from __future__ import annotations

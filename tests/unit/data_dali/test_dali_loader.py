@@ -243,7 +243,7 @@ def test_too_many_failures_in_a_row_abort(corrupt_shards):
 
 def test_backend_choice_and_codec_errors(vp9_shards, h264_shards):
     assert get_shard_codec(vp9_shards) == "vp9" and get_shard_codec(h264_shards) == "h264"
-    # DESIGN.md's H100 numbers: PyAV ~4.2 clips/s per core, DALI mixed ~12 per GPU
+    # the H100 numbers of the auto policy: PyAV ~4.2 clips/s per core, DALI mixed ~12 per GPU
     gpu = dict(has_dali=True, has_cuda=True)
     assert select_backend("h264", **gpu, cpu_cores=16, num_gpus=1)[:2] == ("pyav", "")  # ~67
     assert select_backend("h264", **gpu, cpu_cores=16, num_gpus=8)[:2] == ("dali", "mixed")  # ~8
