@@ -38,5 +38,5 @@ setup(
         "decord": ["decord>=0.6"],
         "dev": ["pytest", "pytest-timeout", "scikit-video", "nvidia-dali-cuda130", "decord>=0.6"],
     },
-    entry_points={"console_scripts": ["megavid=megavid.cli:main"]},
+    entry_points={"console_scripts": ["megavid=megavid.cli:run"]},
 )

@@ -126,6 +126,25 @@ def _report_unexpected(command: str, exc: BaseException) -> None:
     print(f"megavid {command}: error: {describe_exception(exc)}{where}", file=sys.stderr, flush=True)
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The ``megavid`` program: :func:`main`, then the process exits with its code.
+
+    A job that finished ends its process group first (every rank gets here after the same
+    last collective): left to interpreter exit, gloo's threads are torn down unjoined and a
+    rank could die with "terminate called without an active exception" after a good run. A
+    failed job skips it: its peers may be gone, and exiting closes the connections. (Tests
+    call :func:`main` in one process for several jobs: DeepSpeed keeps its groups between
+    them, so only the program's end may destroy the process group.)
+    """
+    rc = main(argv)
+    if rc == 0:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+    sys.exit(rc)
+
+
 def stop_child_processes(timeout: float = 5.0) -> int:
     """Stop the worker processes a job leaves behind; returns how many were killed.
 
@@ -136,6 +155,8 @@ def stop_child_processes(timeout: float = 5.0) -> int:
     itself; the daemonic children still alive after that, which Python would stop at exit
     anyway, are killed.
     """
+    if not any(p.daemon for p in multiprocessing.active_children()):
+        return 0
     gc.collect()
     left = [p for p in multiprocessing.active_children() if p.daemon]
     for p in left:
@@ -145,4 +166,4 @@ def stop_child_processes(timeout: float = 5.0) -> int:
     return len(left)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

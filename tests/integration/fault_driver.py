@@ -74,6 +74,6 @@ def _inject(fault: str) -> None:
 
 if __name__ == "__main__":
     _inject(sys.argv[1])
-    from megavid.cli import main
+    from megavid.cli import run
 
-    sys.exit(main(sys.argv[2:]))
+    run(sys.argv[2:])
