@@ -1,5 +1,6 @@
-"""`megavid info`: versions, devices, which decode backends work here, and what
-``data.backend=auto`` would pick for a shard folder.
+"""`megavid info`: versions, devices, which decode backends work here, and the decode plan
+``data.backend=auto`` makes for a shard folder (shard kind, codec, backend, device, the reason
+and the ``bench/results/`` file it rests on; the plan a run logs at start-up).
 
 Every decode check really decodes: a tiny clip is encoded in memory with PyAV (VP9, and H.264
 for NVDEC) and decoded by each backend, and the frames are compared with PyAV's, so "ok" means
@@ -336,27 +337,26 @@ def _check_dali_frames_reader(tar: Path, entries: dict[str, dict]) -> CheckResul
                        "index.jsonl")
 
 
-def describe_auto(shard_dir: str | Path) -> tuple[str, str, str, str]:
-    """What ``data.backend=auto`` picks for a shard folder: (codec, backend, device, reason).
+def describe_auto(shard_dir: str | Path) -> dict[str, str]:
+    """What ``data.backend=auto`` picks for a shard folder on this machine: the
+    :class:`megavid.data.build.DecodePlan` of one scan of the folder, as a dict (shard_kind,
+    codec, backend, device, path, reason, source).
 
-    Frames shards report codec "jpeg" and DALI's image decoder (mixed with a GPU, else cpu);
-    video shards follow ``megavid.data.build.select_backend``'s measured rule."""
-    from megavid.data.build import select_backend
-    from megavid.data.dali.devices import get_shard_codec
+    For a PyAV plan of video shards the reason adds the shards' keyframe interval (from the
+    same scan): PyAV decodes only the GOPs of the sampled frames, so it sets PyAV's cost."""
+    from megavid.data.build import plan_decode, scan_shards
 
-    codec = get_shard_codec(shard_dir)
-    backend, device, reason = select_backend(codec)
-    index = Path(shard_dir) / "index.jsonl"
-    if backend == "pyav" and codec != "jpeg" and index.is_file():
-        # the keyframe interval sets PyAV's cost: it decodes only the GOPs of sampled frames
-        from megavid.shards.format import read_index
-
-        gops = {e.get("gop") for e in read_index(shard_dir)}
+    scan = scan_shards(str(shard_dir))
+    plan = plan_decode(scan.shard_kind, scan.codec)
+    reason = plan.reason
+    if plan.backend == "pyav" and plan.shard_kind == "video":
+        gops = {e.get("gop") for entries in scan.index.values() for e in entries}
         reason += (f"; keyframes every {gops.pop()} frames (make-shards --gop): PyAV decodes "
                    "only the GOPs of the sampled frames" if len(gops) == 1 and None not in gops
                    else "; re-making the shards with make-shards --gop 8 cuts PyAV's decode "
                    "~2-3x (bench/loader_gpu.py)")
-    return codec, backend, device, reason
+    return {"shard_kind": plan.shard_kind, "codec": plan.codec, "backend": plan.backend,
+            "device": plan.device, "path": plan.path, "reason": reason, "source": plan.source}
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +367,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="megavid info", description=__doc__.split("\n")[0],
         epilog="Config tokens (experiment=demo, data.train=...) name the shards and workers.")
     p.add_argument("--shards", action="append", default=[], metavar="DIR",
-                   help="a shard folder (repeatable): report what data.backend=auto picks")
+                   help="a shard folder (repeatable): print the decode plan data.backend=auto "
+                        "makes for it here, and its reason")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers on this machine, for the /dev/shm check "
                         "(default: data.num_workers x visible GPUs)")
@@ -410,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     report["auto"] = {}
     for d in shard_dirs:
         try:
-            codec, backend, device, reason = describe_auto(d)
-            report["auto"][str(d)] = {"codec": codec, "backend": backend, "device": device,
-                                      "reason": reason}
+            report["auto"][str(d)] = describe_auto(d)
             if not ns.no_decode:
                 r = check_dali_reader(d)
                 report["auto"][str(d)]["dali_reader"] = {"ok": r.ok, "detail": r.detail}
@@ -446,9 +445,9 @@ def _print_text(report: dict[str, Any]) -> None:
         if "error" in a:
             print(f"data.backend=auto for {d}: cannot tell ({a['error']})")
         else:
-            dev = f" ({a['device']})" if a["device"] else ""
-            print(f"data.backend=auto for {d}: {a['backend']}{dev}; codec {a['codec']}: "
-                  f"{a['reason']}")
+            print(f"data.backend=auto for {d}: {a['backend']} ({a['device']}); codec "
+                  f"{a['codec']} ({a['shard_kind']} shards): {a['reason']}")
+            print(f"  decode plan rests on: {a['source']}")
             if "dali_reader" in a:
                 r = a["dali_reader"]
                 status = {True: "ok", False: "FAILED", None: "n/a"}[r["ok"]]

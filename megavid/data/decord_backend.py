@@ -112,7 +112,8 @@ def decode_clip(
 
 
 def build_decord_loader(data_cfg: Any, split: str, *, train: bool, rank: int = 0,
-                        world_size: int = 1, seed: int = 0, epoch: int = 0) -> Any:
+                        world_size: int = 1, seed: int = 0, epoch: int = 0,
+                        table: Any = None) -> Any:
     """The decord loader of a split: ``build_loader``'s signature; the PyAV loader with
     :func:`decode_clip` as its decode function (image and frames samples decode as there).
 
@@ -124,6 +125,7 @@ def build_decord_loader(data_cfg: Any, split: str, *, train: bool, rank: int = 0
         world_size: number of ranks.
         seed: run seed.
         epoch: the epoch to start in.
+        table: the split's sample table, already built (None: read the split's index).
 
     Raises:
         ConfigError: decord is not installed.
@@ -132,4 +134,4 @@ def build_decord_loader(data_cfg: Any, split: str, *, train: bool, rank: int = 0
         raise ConfigError("data.backend=decord but decord is not installed: pip install "
                           "'megavid[decord]' (or decord), or set data.backend=pyav")
     return build_pyav_loader(data_cfg, split, train=train, rank=rank, world_size=world_size,
-                             seed=seed, epoch=epoch, decode_fn=decode_clip)
+                             seed=seed, epoch=epoch, decode_fn=decode_clip, table=table)

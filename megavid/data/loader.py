@@ -311,7 +311,8 @@ class VideoTextLoader:
 
 def build_pyav_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
                       world_size: int = 1, seed: int = 0, epoch: int = 0,
-                      decode_fn: Callable = pyav_backend.decode_clip) -> VideoTextLoader:
+                      decode_fn: Callable = pyav_backend.decode_clip,
+                      table: SampleTable | None = None) -> VideoTextLoader:
     """The PyAV (CPU) loader over the shards of ``split``; see
     :func:`megavid.data.build.build_loader`.
 
@@ -321,10 +322,13 @@ def build_pyav_loader(data_cfg: DataConfig, split: str, *, train: bool, rank: in
 
     Args:
         decode_fn: the video decode function, with ``pyav_backend.decode_clip``'s signature
-            (``decord_backend.decode_clip`` for ``data.backend=decord``); the rest as
-            :func:`megavid.data.build.build_loader`."""
+            (``decord_backend.decode_clip`` for ``data.backend=decord``);
+        table: the split's sample table, already built from the scan that chose the backend
+            (None: read the split's index);
+        the rest as :func:`megavid.data.build.build_loader`."""
     get_tokenizer_path(data_cfg.tokenizer)  # a config error before the index is read
     # frames shards: the same loader decodes the stored JPEGs with PIL (SampleTable.frames)
-    table = build_sample_table(get_split_spec(data_cfg, split), data_cfg.root)
+    if table is None:
+        table = build_sample_table(get_split_spec(data_cfg, split), data_cfg.root)
     return VideoTextLoader(table, data_cfg, split=split, train=train, rank=rank,
                            world_size=world_size, seed=seed, epoch=epoch, decode_fn=decode_fn)

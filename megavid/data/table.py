@@ -41,14 +41,19 @@ class SampleTable:
         return len(self.keys)
 
 
-def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable:
+def build_sample_table(spec: str, root: str | Path | None = None, *,
+                       tars: list[Path] | None = None,
+                       index: dict[Path, list[dict]] | None = None) -> SampleTable:
     """Read the ``index.jsonl`` of every shard folder that ``spec`` names.
 
     Args:
         spec: a split name, shard folder, tar file or glob (see ``format.list_shards``).
         root: the dataset root (``data.root``) for split names.
+        tars: the tars ``spec`` names, already listed (None: list them).
+        index: ``index.jsonl`` entries already read, by resolved shard folder (a folder
+            missing here is read). ``megavid.data.build`` scans a split once and passes both.
     """
-    tars = list_shards(spec, root)
+    tars = list_shards(spec, root) if tars is None else tars
     by_dir: dict[Path, set[str]] = {}
     for t in tars:
         by_dir.setdefault(t.parent.resolve(), set()).add(t.name)
@@ -57,7 +62,7 @@ def build_sample_table(spec: str, root: str | Path | None = None) -> SampleTable
     keys, tar_id, video, meta, exts = [], [], [], [], []
     frame_spans: list[np.ndarray] = []
     for d, names in sorted(by_dir.items()):
-        for e in read_index(d):
+        for e in index[d] if index is not None and d in index else read_index(d):
             if e["shard"] not in names:
                 continue  # a glob naming a subset of the folder's shards
             path = str(d / e["shard"])

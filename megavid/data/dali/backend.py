@@ -7,7 +7,7 @@ from pathlib import Path
 from megavid.data.dali.image_loaders import FramesDaliLoader, ImageDaliLoader
 from megavid.data.dali.loader import DaliLoader
 from megavid.data.dali.quarantine import Quarantine
-from megavid.data.table import get_split_spec, is_image_split
+from megavid.data.table import SampleTable, get_split_spec, is_image_split
 from megavid.shards.format import is_frames_shard_dir, list_shards
 
 
@@ -22,6 +22,9 @@ def build_dali_loader(
     epoch: int = 0,
     device: str | None = None,
     quarantine: Quarantine | str | Path | None = None,
+    table: SampleTable | None = None,
+    shard_kind: str | None = None,
+    codec: str | None = None,
 ) -> "DaliLoader":
     """The DALI loader of a split: ``build_loader``'s signature plus DALI options.
 
@@ -41,13 +44,18 @@ def build_dali_loader(
         device: 'auto' (mixed with a GPU, else cpu), 'cpu' or 'mixed' (None:
             ``data_cfg.dali_device``).
         quarantine: a :class:`Quarantine` or its JSON path (None: ``data_cfg.quarantine``).
+        table: the split's sample table, already built (None: read the split's index).
+        shard_kind: 'video', 'frames' or 'images', already known (None: look at the shards).
+        codec: the shards' codec, already known (None: read it from the index).
+        (``megavid.data.build`` scans a split once and passes the last three.)
     """
     device = device or data_cfg.dali_device
 
-    first = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0]
-    if is_image_split(data_cfg, split):
-        cls = ImageDaliLoader
-    else:
-        cls = FramesDaliLoader if is_frames_shard_dir(first.parent) else DaliLoader
+    if shard_kind is None:
+        first = list_shards(get_split_spec(data_cfg, split), data_cfg.root)[0]
+        shard_kind = ("images" if is_image_split(data_cfg, split)
+                      else "frames" if is_frames_shard_dir(first.parent) else "video")
+    cls = {"images": ImageDaliLoader, "frames": FramesDaliLoader, "video": DaliLoader}[shard_kind]
     return cls(data_cfg, split, train=train, rank=rank, world_size=world_size,
-               seed=seed, epoch=epoch, device=device, quarantine=quarantine)
+               seed=seed, epoch=epoch, device=device, quarantine=quarantine, table=table,
+               codec=codec)

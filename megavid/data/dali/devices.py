@@ -34,11 +34,12 @@ def get_dali_version() -> str | None:
     return str(nvidia.dali.__version__)
 
 
-def get_shard_codec(shard_dir: str | Path) -> str:
+def get_shard_codec(shard_dir: str | Path, *, entries: list[dict] | None = None) -> str:
     """The video codec of a shard folder's samples (from ``index.jsonl``, else the first JSON).
 
     Args:
         shard_dir: a folder written by :func:`megavid.shards.writer.write_shards`.
+        entries: the folder's ``index.jsonl`` entries, already read (None: read them).
 
     Returns:
         The lower-case codec name; for a folder mixing codecs, one that DALI's CPU decoder
@@ -49,8 +50,10 @@ def get_shard_codec(shard_dir: str | Path) -> str:
     """
     shard_dir = Path(shard_dir)
     codecs: set[str] = set()
-    if (shard_dir / "index.jsonl").is_file():
-        codecs = {str(e["codec"]).lower() for e in read_index(shard_dir) if e.get("codec")}
+    if entries is None and (shard_dir / "index.jsonl").is_file():
+        entries = read_index(shard_dir)
+    if entries is not None:
+        codecs = {str(e["codec"]).lower() for e in entries if e.get("codec")}
     if not codecs:
         tar = list_shards(str(shard_dir))[0]
         with open(tar, "rb") as f:

@@ -26,7 +26,7 @@ from megavid.data.dali.quarantine import Quarantine
 from megavid.data.loader import VideoTextLoader
 from megavid.data.order import _EpochPlan, _SampleFailed, choose_caption, fill_rank_batch
 from megavid.data.pyav_backend import trim_to_gops
-from megavid.data.table import build_sample_table
+from megavid.data.table import SampleTable, build_sample_table
 from megavid.data.text import build_tokenizer, tokenize
 from megavid.errors import DataError
 
@@ -100,6 +100,8 @@ class DaliLoader(VideoTextLoader):
         quarantine: a :class:`Quarantine` or the path of its JSON file (None:
             ``data_cfg.quarantine``, in memory when that is empty).
         num_threads: DALI CPU threads (None: ``data_cfg.num_workers``, at least 1).
+        table: the split's sample table, already built (None: read the split's index).
+        codec: the shards' codec, already known (None: read it from the index).
     """
 
     def __init__(
@@ -115,13 +117,16 @@ class DaliLoader(VideoTextLoader):
         device: str = "auto",
         quarantine: Quarantine | str | Path | None = None,
         num_threads: int | None = None,
+        table: SampleTable | None = None,
+        codec: str | None = None,
     ) -> None:
-        spec = getattr(data_cfg, split) if split in ("train", "val", "test") else split
-        table = build_sample_table(spec, data_cfg.root)
+        if table is None:
+            spec = getattr(data_cfg, split) if split in ("train", "val", "test") else split
+            table = build_sample_table(spec, data_cfg.root)
         # checks rank/world size and that one global batch fits (same messages as PyAV's)
         super().__init__(table, data_cfg, split=split, train=train, rank=rank,
                          world_size=world_size, seed=seed, epoch=epoch)
-        self.codec = self._get_codec()
+        self.codec = self._get_codec() if codec is None else codec
         self.device = self._get_device(device)
         self.device_id = torch.cuda.current_device() if self.device == "mixed" else None
         self.num_threads = max(1, num_threads or data_cfg.num_workers)

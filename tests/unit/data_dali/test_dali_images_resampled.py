@@ -140,9 +140,11 @@ def test_resampled_resume_is_exact(vp9_shards):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_image_decode_matches_pyav(image_shards):
-    """On a GPU: auto picks DALI for image shards; the mixed decoder (hardware JPEG / nvJPEG,
-    PNG on the CPU) gives the PyAV loader's images (nvJPEG's IDCT may differ by a level)."""
-    cfg = data_cfg(image_shards, backend="auto", dali_device="auto", num_frames=2, batch_size=4)
+    """On a GPU: data.backend=dali decodes image shards on the GPU (dali_device auto); the
+    mixed decoder (hardware JPEG / nvJPEG, PNG on the CPU) gives the PyAV loader's images
+    (nvJPEG's IDCT may differ by a level). (auto follows the measured JPEG paths now:
+    megavid.data.build.AUTO_POLICY, tests/unit/data_dali/test_decode_plan.py.)"""
+    cfg = data_cfg(image_shards, backend="dali", dali_device="auto", num_frames=2, batch_size=4)
     dali = build_loader(cfg, "train", train=True, seed=1)
     assert isinstance(dali, ImageDaliLoader) and dali.device == "mixed"
     for bd, bp in zip(dali, build_pyav_loader(cfg, "train", train=True, seed=1), strict=True):

@@ -115,3 +115,27 @@ def test_missing_shard_folder_is_reported(tmp_path, capsys):
     rc, out = _run(capsys, "--no-decode", "--json", "--shards", str(tmp_path / "nope"))
     assert rc == 0
     assert "does not exist" in json.loads(out)["auto"][str(tmp_path / "nope")]["error"]
+
+
+def test_info_prints_the_decode_plan(vp9_shards, image_shards, capsys):
+    """`megavid info --shards` prints the plan of this machine, its reason and the results file
+    it rests on (kind and codec: what the fixtures wrote)."""
+    from megavid.data.build import plan_decode
+
+    rc = cli.main(["info", "--no-decode", "--shards", str(vp9_shards), "--shards",
+                   str(image_shards)])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    for shards, kind, codec in ((vp9_shards, "video", "vp9"), (image_shards, "images", "image")):
+        plan = plan_decode(kind, codec)
+        head = (f"data.backend=auto for {shards}: {plan.backend} ({plan.device}); codec {codec} "
+                f"({kind} shards): {plan.reason}")
+        at = next(i for i, line in enumerate(lines) if line.startswith(head))
+        assert lines[at + 1] == f"  decode plan rests on: {plan.source}"
+        assert plan.source == ("bench/results/loader_gpu_nvidia-h200.md"
+                               if torch.cuda.is_available() else "bench/results/loader_cpu-2core.md")
+    # the JSON report carries the same plan
+    r = json.loads(_run(capsys, "--no-decode", "--json", "--shards", str(image_shards))[1])
+    plan = plan_decode("images", "image")
+    assert {k: r["auto"][str(image_shards)][k] for k in ("shard_kind", "codec", "path", "source")} \
+        == {"shard_kind": "images", "codec": "image", "path": plan.path, "source": plan.source}
