@@ -40,6 +40,7 @@ TOOL_JOBS: dict[str, tuple[str, str]] = {
     "verify-shards": ("megavid.shards.verify:verify_main", "check every shard, index and stats file"),
     "shard-stats": ("megavid.shards.stats:main", "totals, duration histogram, codec/resolution counts, failures (--json)"),
     "info": ("megavid.info:main", "versions, devices and working decode backends"),
+    "bench-loader": ("megavid.data.bench:main", "clips/s of each decode path on your shards here, and what auto picks"),
     "launch": ("megavid.launch:main", "multi-node launch: check-hostfile, deepspeed, torchrun, slurm, make-sbatch"),
 }
 

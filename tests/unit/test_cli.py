@@ -4,7 +4,7 @@ from megavid.cli import CONFIG_JOBS, TOOL_JOBS, build_parser, main
 
 EXPECTED_COMMANDS = {
     "make-synthetic", "pretrain", "finetune-retrieval", "finetune-qa", "eval-zeroshot",
-    "export-checkpoint", "make-shards", "verify-shards", "shard-stats", "info",
+    "export-checkpoint", "make-shards", "verify-shards", "shard-stats", "info", "bench-loader",
 }
 EXPECTED_FLAGS = {"-h", "--help", "--print-config", "--name", "--overwrite", "--resume",
                   "--local_rank", "--local-rank"}  # the last two: DeepSpeed launcher compatibility
@@ -20,6 +20,17 @@ def test_config_job_flags_are_pinned():
     for name in CONFIG_JOBS:
         flags = {s for a in sub.choices[name]._actions for s in a.option_strings}
         assert flags == EXPECTED_FLAGS, (name, flags)
+
+
+def test_bench_loader_flags_are_pinned():
+    """A tool with its own parser: `megavid bench-loader SHARDS` and these switches only."""
+    from megavid.data.bench import build_parser as build_bench_parser
+
+    assert TOOL_JOBS["bench-loader"][0] == "megavid.data.bench:main"
+    parser = build_bench_parser()
+    assert {s for a in parser._actions for s in a.option_strings} == {
+        "-h", "--help", "--backend", "--device", "--seconds", "--batch", "--json"}
+    assert [a.dest for a in parser._actions if not a.option_strings] == ["shards"]
 
 
 def test_print_config_applies_name_and_overrides(capsys):
