@@ -292,6 +292,10 @@ def run_bench(shards: str, *, backend: str | None = None, device: str | None = N
     if seconds <= 0 or batch < 1:
         raise ConfigError(f"--seconds {seconds:g} and --batch {batch} must be positive")
     scan = scan_shards(shards)
+    samples = sum(len(v) for v in scan.index.values())
+    if batch > samples:
+        raise ConfigError(f"--batch {batch} is more than the {samples} samples of {shards}: "
+                          "a train pass would yield no batch; lower --batch")
     plan = plan_decode(scan.shard_kind, scan.codec)
     has_dali, has_cuda, has_decord = dali_available(), torch.cuda.is_available(), decord_available()
     paths, skipped = get_paths(scan.shard_kind, scan.codec, backend=backend, device=device,
@@ -305,7 +309,7 @@ def run_bench(shards: str, *, backend: str | None = None, device: str | None = N
     best = get_best(results)
     return {
         "shards": shards, "shard_kind": scan.shard_kind, "codec": scan.codec,
-        "samples": sum(len(v) for v in scan.index.values()), "batch": batch,
+        "samples": samples, "batch": batch,
         "seconds": seconds, "num_frames": NUM_FRAMES, "img_size": IMG_SIZE,
         "cpu_cores": cores, "gpus": torch.cuda.device_count() if has_cuda else 0,
         "workers": cores, "paths": [dataclasses.asdict(r) for r in results],

@@ -109,3 +109,16 @@ def test_which_paths():
     assert paths == ["pyav", "dali-cpu"] and "decord" in skipped
     with pytest.raises(ConfigError, match="dali-cpu: it cannot decode h264"):
         bench.get_paths("video", "h264", backend="dali", device="cpu", **kw)
+
+
+def test_user_errors_are_one_line(vp9_shards, capsys):
+    """Nothing is measured: a batch larger than the shards, a path that cannot read them."""
+    assert cli.main(["bench-loader", str(vp9_shards), "--batch", "13"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"megavid bench-loader: error: --batch 13 is more than the 12 samples of {vp9_shards}: "
+        "a train pass would yield no batch; lower --batch")
+    if not torch.cuda.is_available():
+        assert cli.main(["bench-loader", str(vp9_shards), "--backend", "dali", "--device",
+                         "mixed", "--batch", "4"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "dali-mixed: " in err
