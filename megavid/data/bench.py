@@ -149,7 +149,8 @@ def time_loader(loader: Any, seconds: float, *, sync: Callable[[], None] = lambd
 
     Returns:
         {"clips", "batches", "seconds", "passes", "first_batch_s"}: clips and batches after
-        the first batch, over ``seconds`` wall time (passes restarting in between included).
+        the first batch, and the wall time from the first batch to the last one (passes
+        restarting in between included).
 
     Raises:
         DataError: the loader yields no batch.
@@ -157,7 +158,7 @@ def time_loader(loader: Any, seconds: float, *, sync: Callable[[], None] = lambd
     if len(loader) == 0:
         raise DataError("the loader yields no batch per pass; lower --batch")
     t0 = time.perf_counter()
-    first = None
+    first = last = None
     clips = batches = passes = 0
     now = t0
     while first is None or now - first < seconds:
@@ -168,8 +169,9 @@ def time_loader(loader: Any, seconds: float, *, sync: Callable[[], None] = lambd
                 sync()
                 now = time.perf_counter()
                 if first is None:
-                    first = now  # the first batch: worker start or pipeline build, timed apart
+                    first = last = now  # the first batch: worker start or pipeline build
                     continue
+                last = now
                 clips += len(batch["keys"])
                 batches += 1
                 if now - first >= seconds:
@@ -179,7 +181,7 @@ def time_loader(loader: Any, seconds: float, *, sync: Callable[[], None] = lambd
         now = time.perf_counter()
         if first is None:
             raise DataError("the loader's pass ended before its first batch")
-    return {"clips": clips, "batches": batches, "seconds": now - first, "passes": passes,
+    return {"clips": clips, "batches": batches, "seconds": last - first, "passes": passes,
             "first_batch_s": first - t0}
 
 

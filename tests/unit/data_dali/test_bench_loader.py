@@ -122,3 +122,22 @@ def test_user_errors_are_one_line(vp9_shards, capsys):
                          "mixed", "--batch", "4"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "dali-mixed: " in err
+
+
+def test_time_loader_accounting(monkeypatch):
+    """A fake loader on a fake clock (1 s per batch, 3 batches of 2 clips per pass): the first
+    batch (t=1) is untimed; 5 s later (t=6) the 5 batches at t=2..6 are in, over 2 passes."""
+    clock = [0.0]
+
+    class Loader:
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for _ in range(3):
+                clock[0] += 1.0
+                yield {"keys": ["a", "b"]}
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    run = bench.time_loader(Loader(), 5.0)
+    assert run == {"clips": 10, "batches": 5, "seconds": 5.0, "passes": 2, "first_batch_s": 1.0}
