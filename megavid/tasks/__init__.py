@@ -1,6 +1,6 @@
 """Tasks: each builds data + model + loss for one job and plugs into the one engine loop.
 
-Registry (STYLE rule 6): a dict filled by the ``register_task`` decorator; a duplicate name
+Registry: a dict filled by the ``register_task`` decorator; a duplicate name
 raises, an unknown name raises with the list of valid names.
 """
 

@@ -1,8 +1,8 @@
 """What every video-text task shares: model building (with weight import), loaders, moving a
 batch to the device, and the task protocol the engine's Trainer drives.
 
-Tasks override ``training_forward`` (and ``evaluate``) rather than copying the loop
-(STYLE rule 9): the loop itself lives in ``megavid.engine.trainer.Trainer``.
+Tasks override ``training_forward`` (and ``evaluate``) rather than copying the loop:
+the loop itself lives in ``megavid.engine.trainer.Trainer``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ moving-shapes QA): answer classification over a vocabulary of the most frequent 
   (an out-of-vocabulary answer counts as a wrong prediction), the majority-answer baseline of
   the same questions, a predictions JSONL and a results JSON with the checkpoint hash.
 
-The loop is the engine's ``Trainer`` (STYLE rule 9); this module only supplies the task.
+The loop is the engine's ``Trainer``; this module only supplies the task.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The CLI surface is frozen: features add config fields, not flags (STYLE rule 4)."""
+"""The CLI surface is frozen: features add config fields, not flags."""
 
 from megavid.cli import CONFIG_JOBS, TOOL_JOBS, build_parser, main
 
