@@ -166,5 +166,6 @@ def stop_child_processes(timeout: float = 5.0) -> int:
         p.join(timeout=timeout)
     return len(left)
 
+
 if __name__ == "__main__":
     run()
