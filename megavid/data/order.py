@@ -37,8 +37,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from megavid.data.sampling import get_sample_rng
+from megavid.data.sampling import RNG_STREAMS, get_sample_rng
 from megavid.errors import DataError
+
+_UINT32 = 1 << 32
 
 
 def get_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool,
@@ -82,6 +84,26 @@ def get_resampled_indices(num_samples: int, seed: int, first_step: int, steps: i
     return np.concatenate(draws).astype(np.int64) if draws else np.zeros(0, dtype=np.int64)
 
 
+def get_fast_sample_rng(seed: int, epoch: int, index: int, stream: str) -> np.random.Generator:
+    """:func:`megavid.data.sampling.get_sample_rng`'s generator (the same draws), built about
+    twice as fast: numpy's ``SeedSequence`` turns a list of Python ints into uint32 words one
+    int at a time, and a ready uint32 array skips that (each value below 2**32 is one word
+    either way). Values outside uint32 take ``get_sample_rng`` itself. The loaders build three
+    generators per sample and epoch, so this is a large part of the feed stage's time.
+
+    Args:
+        seed: the run seed.
+        epoch: the epoch.
+        index: the sample's global index.
+        stream: one of ``sampling.RNG_STREAMS``.
+    """
+    words = (seed, epoch, index, RNG_STREAMS[stream])
+    if not all(0 <= w < _UINT32 for w in words):
+        return get_sample_rng(seed, epoch, index, stream)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        np.array(words, dtype=np.uint32))))
+
+
 class _SampleFailed(Exception):
     """A sample that cannot be used; ``reason`` keys ``loader.failures`` (PyAV and DALI)."""
 
@@ -105,7 +127,8 @@ def choose_caption(meta: dict, *, train: bool, seed: int, epoch: int, index: int
     if not captions:
         raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
     if train:
-        return captions[int(get_sample_rng(seed, epoch, index, "caption").integers(len(captions)))]
+        rng = get_fast_sample_rng(seed, epoch, index, "caption")
+        return captions[int(rng.integers(len(captions)))]
     return captions[0]
 
 

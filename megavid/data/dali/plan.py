@@ -1,6 +1,10 @@
 """Per-sample plans for the DALI pipelines: frame indices, crop box and flip, drawn from the
 sample's generators exactly as the PyAV path draws them (:mod:`megavid.data.sampling`,
-:mod:`megavid.data.transforms`)."""
+:mod:`megavid.data.transforms`).
+
+The loaders' feed stage calls :func:`plan_times` and :func:`plan_box` (no object per sample;
+the generators built by :func:`megavid.data.order.get_fast_sample_rng`); :func:`plan_clip` is
+the same plan as one :class:`ClipPlan` (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
+from megavid.data.order import get_fast_sample_rng
+from megavid.data.sampling import sample_timestamps, timestamps_to_indices
 from megavid.data.transforms import get_random_resized_crop_box, is_flip_safe, sample_texts
 from megavid.errors import DataError
 
@@ -66,20 +71,36 @@ def plan_clip(
         shard: the shard file name, recorded in the plan for error messages.
     """
     try:
-        duration, fps = float(meta["duration"]), float(meta["fps"])
-        n_video, height, width = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
+        fps, n_video = float(meta["fps"]), int(meta["num_frames"])
+        height, width = int(meta["height"]), int(meta["width"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"sample {meta.get('key')!r}: JSON lacks duration/fps/num_frames/"
                         f"width/height ({e}); re-create the shards with megavid") from e
-    rng = get_sample_rng(seed, epoch, index, "frames") if train else None
-    ts = sample_timestamps(num_frames, duration, start=meta.get("start"), end=meta.get("end"),
-                           train=train, rng=rng)
+    ts = plan_times(meta, index, num_frames=num_frames, train=train, seed=seed, epoch=epoch)
     frames = timestamps_to_indices(ts, fps, n_video).astype(np.int32)
     roi_start, roi_end, flip = plan_box(meta, index, height=height, width=width,
                                         img_size=img_size, train=train, seed=seed, epoch=epoch,
                                         random_flip=random_flip, crop_scale=crop_scale)
     return ClipPlan(index=index, shard=shard, key=str(meta.get("key", "")), frames=frames,
                     roi_start=roi_start, roi_end=roi_end, flip=flip)
+
+
+def plan_times(meta: dict[str, Any], index: int, *, num_frames: int, train: bool, seed: int,
+               epoch: int) -> np.ndarray:
+    """The sample's timestamps (float64 [T]): ``sample_timestamps`` over its ``duration`` and
+    [start, end] window with its "frames" generator (train), as every backend draws them.
+
+    Raises:
+        DataError: the JSON has no usable ``duration``.
+    """
+    try:
+        duration = float(meta["duration"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"sample {meta.get('key')!r}: JSON lacks duration/fps/num_frames/"
+                        f"width/height ({e}); re-create the shards with megavid") from e
+    rng = get_fast_sample_rng(seed, epoch, index, "frames") if train else None
+    return sample_timestamps(num_frames, duration, start=meta.get("start"), end=meta.get("end"),
+                             train=train, rng=rng)
 
 
 def plan_box(meta: dict[str, Any], index: int, *, height: int, width: int, img_size: int,
@@ -102,7 +123,7 @@ def plan_box(meta: dict[str, Any], index: int, *, height: int, width: int, img_s
     """
     flip = False
     if train:
-        arng = get_sample_rng(seed, epoch, index, "augment")
+        arng = get_fast_sample_rng(seed, epoch, index, "augment")
         top, left, h, w = get_random_resized_crop_box(height, width, arng, crop_scale)
         box = (float(top), float(left), float(top + h), float(left + w))
         # same order of draws as transform_clip: box first, then the coin (always drawn)

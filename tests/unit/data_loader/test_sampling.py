@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megavid.data.order import get_fast_sample_rng
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
 from megavid.errors import DataError
 
@@ -89,3 +90,17 @@ def test_sample_rng_streams_are_reproducible_and_independent():
     assert not np.allclose(a, get_sample_rng(1, 2, 4, "frames").random(4))
     with pytest.raises(KeyError):
         get_sample_rng(0, 0, 0, "nope")
+
+
+def test_fast_sample_rng_draws_what_get_sample_rng_draws():
+    # the reference is sampling.get_sample_rng (numpy's SeedSequence of the Python ints);
+    # values past uint32 take several SeedSequence words, which the fast path hands over
+    for seed, epoch, index in [(0, 0, 0), (3, 7, 11), (2**32 - 1, 5, 2**31), (2**40, 1, 2),
+                               (12345678901234, 2**33, 7), (1, 0, 2**32)]:
+        for stream in ("frames", "caption", "augment"):
+            a = get_fast_sample_rng(seed, epoch, index, stream)
+            b = get_sample_rng(seed, epoch, index, stream)
+            assert np.array_equal(a.random(6), b.random(6))
+            assert np.array_equal(a.integers(1000, size=4), b.integers(1000, size=4))
+    with pytest.raises(KeyError):
+        get_fast_sample_rng(0, 0, 0, "colour")
