@@ -84,7 +84,7 @@ model.mlm_probability, distill_alpha, qa_weight    objective scalars read when t
 data.root, train, val, test, image_train,          data paths (the loader refuses a changed number
 quarantine                                         of samples) and where bad samples are kept
 data.backend, dali_device, dali_trim_gops,         loader settings that keep the sample set
-num_workers, eval_batch_size,                      (decoder, workers, failure limit, augmentation)
+num_workers, feed_workers, eval_batch_size,        (decoder, workers, failure limit, augmentation)
 max_consecutive_failures, random_flip, crop_scale
 data.synthetic.*                                   read by make-synthetic only
 task.qa_pairs_per_sample                           read for every batch (seeded by run.seed, epoch
@@ -201,7 +201,8 @@ MAY_CHANGE: dict[str, str] = {
     **{f"data.{k}": "data path (the loader refuses a changed number of samples)" for k in (
         "root", "train", "val", "test", "image_train")},
     **{f"data.{k}": "read when the loader is built" for k in (
-        "quarantine", "backend", "dali_device", "dali_trim_gops", "num_workers", "eval_batch_size",
+        "quarantine", "backend", "dali_device", "dali_trim_gops", "num_workers", "feed_workers",
+        "eval_batch_size",
         "max_consecutive_failures", "random_flip", "crop_scale")},
     **{f"data.synthetic.{k}": "read by make-synthetic only" for k in (
         "num_train", "num_val", "num_test", "frames", "size", "fps", "codec", "seed")},
