@@ -14,16 +14,24 @@ at a cursor and cannot follow megavid's per-epoch permutation from (seed, epoch)
 contract needs both (a resumed run neither repeats nor skips a sample, whatever the world
 size) and needs the frames, crop and flip that the PyAV backend draws from the same per-sample
 generators (:mod:`megavid.data.sampling`, :mod:`megavid.data.transforms`). So megavid plans each
-batch in Python (cheap: a seek and a read per sample, the shard's ``index.jsonl`` gives the
-member offsets; the ``NNNNN.idx`` files describe the same offsets) and DALI does the expensive
-part: decoding, resampling, flipping. ``fn.decoders.video``'s ``frames`` argument takes per-sample
-frame indices, so no frame is decoded into the batch that the clip does not use.
+batch in Python, the *feed stage* (cheap: a read of the JSON and one of the video member or of
+the clip's adjacent frames, at the member offsets of the shard's ``index.jsonl``; the
+``NNNNN.idx`` files describe the same offsets), in ``data.feed_workers`` processes ahead of
+the pipeline, and DALI does the expensive part: decoding, resampling, flipping.
+``fn.decoders.video``'s ``frames`` argument takes per-sample frame indices, so no frame is
+decoded into the batch that the clip does not use.
+
+One pipeline per loader: every pass (epoch, evaluation pass, resampled chunk) flows through
+the same pipeline and external source, whose source serves one continuous sequence of work
+items (the pass and step each batch belongs to) planned ahead; a batch carries its work item,
+so a pass boundary is exact even with batches of the next pass already in flight. Only a
+quarantine event rebuilds the pipeline.
 
 DALI has no per-sample error handling: one corrupt video fails the whole batch, and the
 pipeline is unusable afterwards. ``DaliLoader`` then decodes the failed batch's samples one
 by one in a 1-sample pipeline of the same kind, names each culprit (shard, key, DALI's message),
 adds it to a ``Quarantine`` (a JSON file when ``data.quarantine`` or a path is given),
-rebuilds the pipeline and prepares the batch again; a quarantined sample is replaced by the
+rebuilds the pipeline and prepares the batches in flight again; a quarantined sample is replaced by the
 rule of the PyAV loader (:func:`megavid.data.order.fill_rank_batch`: never a sample already in
 the global step or the batch, chosen deterministically from (seed, epoch, position)), so both
 backends give the same batches. Bad samples are counted and logged by the PyAV loader's rules
@@ -43,7 +51,10 @@ Modules (no module imports nvidia.dali at import time; the pipelines import it w
 - ``plan``: per-sample frame indices, crop box and flip (the PyAV path's draws);
 - ``pipelines``: the video and JPEG pipelines, DALI output to torch, DALI's error messages;
 - ``quarantine``: the samples DALI failed to decode;
-- ``loader``: ``DaliLoader`` (video shards), its feed and its fault isolation;
+- ``feed``: the feed stage's work items, its worker processes and their shared-memory rings;
+- ``stream``: the pipeline of a loader's whole life and the work items in flight through it;
+- ``loader``: ``DaliLoader`` (video shards): reading and planning, fault isolation, ``stats()``;
+- ``measure``: the feed and decode stages measured apart (``megavid bench-loader``);
 - ``image_loaders``: ``FramesDaliLoader`` (frames shards) and ``ImageDaliLoader`` (images);
 - ``readers``: DALI's own ``fn.readers.webdataset`` over a shard folder (``megavid info``);
 - ``backend``: ``build_dali_loader``, which picks the loader for the shards.

@@ -1,40 +1,32 @@
 """The DALI loaders that decode with ``fn.decoders.image``: :class:`FramesDaliLoader` (frames
 shards: T JPEG members per clip) and :class:`ImageDaliLoader` (image shards: one JPEG/PNG per
-sample, a 1-frame clip repeated to T). Order, cursor, state, quarantine: :class:`DaliLoader`'s."""
+sample, a 1-frame clip repeated to T). Order, cursor, state, pipeline lifetime, feed and
+quarantine: :class:`DaliLoader`'s."""
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from megavid.data.dali.devices import get_image_decoder_device
-from megavid.data.dali.loader import DaliLoader, _Prepared
+from megavid.data.dali.feed import Prepared
+from megavid.data.dali.loader import DaliLoader, _Sample
 from megavid.data.dali.pipelines import build_frames_pipeline, dali_to_torch
-from megavid.data.dali.plan import ClipPlan, plan_box, plan_clip
-from megavid.data.frames import sample_clip_frames
+from megavid.data.dali.plan import plan_times
+from megavid.data.frames import frames_at
 from megavid.data.order import _SampleFailed
 from megavid.errors import DataError
-from megavid.shards.format import FRAMES_CODEC
+from megavid.shards.format import FRAMES_CODEC, get_frame_times
 
-
-@dataclass(slots=True)
-class _FramesPrepared(_Prepared):
-    """A prepared batch of a frames loader: ``encoded[i]`` is the list of the clip's T JPEGs."""
-
-    def dali_inputs(self, sel: slice = slice(None)) -> tuple:
-        jpegs, starts, ends, flips = [], [], [], []
-        for frames, p in zip(self.encoded[sel], self.plans[sel]):
-            flip = np.array(int(p.flip), dtype=np.int32)
-            for jpeg in frames:
-                jpegs.append(jpeg)
-                starts.append(p.roi_start)
-                ends.append(p.roi_end)
-                flips.append(flip)
-        return jpegs, starts, ends, flips
+MAX_GAP_BYTES = 1 << 16
+"""Frames of a clip closer than this in the tar are read together: one ``pread`` from the
+first to the last (the members in between read and ignored), instead of one per frame. A
+clip's sampled frames are usually a few members apart, so a clip is usually one read; sparse
+frames of a long clip (stored frames x frame size between them beyond this) are read apart
+rather than reading the whole clip."""
 
 
 class _ImageDecoderLoader(DaliLoader):
@@ -51,19 +43,32 @@ class _ImageDecoderLoader(DaliLoader):
                                      device_id=self.device_id, num_threads=num_threads,
                                      prefetch=prefetch, seed=self.seed)
 
+    def _dali_inputs(self, p: Prepared, clips: list[int] | None = None) -> tuple:
+        """One DALI sample per image: JPEG/PNG bytes, and its clip's box and flip."""
+        sel = slice(None) if clips is None else clips
+        items = p.items[sel]  # [B, K, 3]
+        k = items.shape[1]
+        images = [p.chunks[c][o:o + s] for c, o, s in items.reshape(-1, 3).tolist()]
+        roi = p.roi[sel]
+        if k == 1:
+            return (images, np.ascontiguousarray(roi[:, :2]), np.ascontiguousarray(roi[:, 2:]),
+                    np.ascontiguousarray(p.flip[sel]))
+        return (images, np.repeat(roi[:, :2], k, axis=0), np.repeat(roi[:, 2:], k, axis=0),
+                np.repeat(p.flip[sel], k))
+
 
 class FramesDaliLoader(_ImageDecoderLoader):
     """:class:`DaliLoader` over frames shards: the same order, cursor, state, quarantine and
     per-sample draws, with the clip's frames read as JPEG members and decoded by
     ``fn.decoders.image`` ("mixed": hardware JPEG engines; "cpu": DALI's CPU decoder).
 
-    Frames: the video path's timestamps (:func:`megavid.data.frames.sample_clip_frames`), each
-    taking the stored frame on screen; only those T JPEGs are read (``pread`` at the offsets of
-    ``index.jsonl``). Crop box and flip: ``plan_clip``'s draws over the stored frame size.
-    ``ClipPlan.frames`` holds the stored frame indices. Arguments: as :class:`DaliLoader`.
+    Frames: the video path's timestamps (:func:`megavid.data.dali.plan.plan_times`), each
+    taking the stored frame on screen (:func:`megavid.data.frames.frames_at`); only the runs of
+    members that hold those T JPEGs are read (usually one ``pread`` per clip:
+    :data:`MAX_GAP_BYTES`), at the offsets of ``index.jsonl``. Crop box and flip: ``plan_box``'s
+    draws over the stored frame size. ``Prepared.frames`` holds the stored frame indices.
+    Arguments: as :class:`DaliLoader`.
     """
-
-    _prepared_cls = _FramesPrepared
 
     def __init__(self, data_cfg, split: str, **kw: Any) -> None:
         super().__init__(data_cfg, split, **kw)
@@ -79,43 +84,56 @@ class FramesDaliLoader(_ImageDecoderLoader):
                             "DALI loader (build_dali_loader picks it)")
         return get_image_decoder_device(requested, "frames shards")
 
-    def _load(self, index: int, epoch: int) -> tuple[dict, str, ClipPlan, list[np.ndarray]]:
+    def _read_bytes(self, rows: np.ndarray) -> np.ndarray:
+        # at most the sample's frames, first to last
+        return np.array([int(s[-1].sum() - s[0, 0]) for s in (self.table.frames[r] for r in rows)],
+                        dtype=np.int64)
+
+    def _load(self, index: int, epoch: int) -> _Sample:
         meta, caption = self._load_meta(index, epoch)
         try:
-            # crop box + flip over the stored frame size (frames replaced below)
-            plan = plan_clip(meta, index, num_frames=self.cfg.num_frames,
-                             img_size=self.cfg.img_size, train=self.train, seed=self.seed,
-                             epoch=epoch, random_flip=self.cfg.random_flip,
-                             crop_scale=self.cfg.crop_scale,
-                             shard=self._where(index)[0])
-            _, stored = sample_clip_frames(meta, index, num_frames=self.cfg.num_frames,
-                                           train=self.train, seed=self.seed, epoch=epoch)
+            float(meta["fps"]), int(meta["num_frames"])  # as plan_clip requires
+            height, width = int(meta["height"]), int(meta["width"])
+            ts = plan_times(meta, index, num_frames=self.cfg.num_frames, train=self.train,
+                            seed=self.seed, epoch=epoch)
+            stored = frames_at(get_frame_times(meta), ts)
+            roi, flip = self._plan_box(meta, index, epoch, height, width)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _SampleFailed("decode_error", f"sample {meta.get('key')!r}: JSON lacks "
+                                f"duration/fps/num_frames/width/height ({e}); re-create the "
+                                "shards with megavid") from e
         except DataError as e:
             raise _SampleFailed("decode_error", str(e)) from e
         spans = self.frame_spans[index]
-        if int(stored.max()) >= len(spans):
+        wanted = stored.tolist()
+        if max(wanted) >= len(spans):
             raise _SampleFailed("bad_json", f"the JSON lists more frames than the tar holds "
                                 f"({len(spans)})")
-        plan.frames = stored.astype(np.int32)
-        return meta, caption, plan, self._read_frames(index, spans[stored])
+        return meta, caption, stored.astype(np.int32), roi, flip, *self._read_frames(
+            index, spans.tolist(), wanted)
 
-    def _read_frames(self, index: int, spans: np.ndarray) -> list[np.ndarray]:
-        """The JPEG bytes at ``spans`` ([T, 2] offset, size) of sample ``index``'s tar."""
-        out = []
-        try:
-            with open(self.table.tars[int(self.table.tar_id[index])], "rb") as f:
-                for offset, size in spans.tolist():
-                    f.seek(offset)
-                    data = f.read(size)
-                    if len(data) != size:
-                        raise _SampleFailed("truncated_shard",
-                                            f"frame ends after {len(data)} of {size} bytes")
-                    out.append(np.frombuffer(data, dtype=np.uint8))
-        except OSError as e:
-            raise _SampleFailed("read_error", str(e)) from e
-        return out
+    def _read_frames(self, index: int, spans: list[list[int]], wanted: list[int]
+                     ) -> tuple[list[np.ndarray], list[tuple[int, int, int]]]:
+        """Read frames ``wanted`` of sample ``index`` (``spans``: its frames' [offset, size]):
+        one read per run of frames less than :data:`MAX_GAP_BYTES` apart. Returns the chunks
+        read and, per wanted frame, (chunk, offset in it, size)."""
+        runs: list[list[int]] = []  # [first offset, end] of each read
+        where: dict[int, tuple[int, int]] = {}  # frame -> (run, its offset)
+        for t in sorted(set(wanted), key=lambda f: spans[f][0]):
+            off, size = spans[t]
+            if not runs or off - runs[-1][1] > MAX_GAP_BYTES or off < runs[-1][0]:
+                runs.append([off, off + size])
+            else:
+                runs[-1][1] = max(runs[-1][1], off + size)
+            where[t] = (len(runs) - 1, off)
+        chunks = [self._read_chunk(index, lo, hi - lo) for lo, hi in runs]
+        items = []
+        for t in wanted:
+            run, off = where[t]
+            items.append((run, off - runs[run][0], spans[t][1]))
+        return chunks, items
 
-    def _to_clip(self, out, p: _Prepared) -> torch.Tensor:
+    def _to_clip(self, out, p: Prepared) -> torch.Tensor:
         frames = dali_to_torch(out)  # [B*T, C, H, W]
         return frames.view(len(p.indices), self.cfg.num_frames, *frames.shape[1:])
 
@@ -123,29 +141,17 @@ class FramesDaliLoader(_ImageDecoderLoader):
 # --------------------------------------------------------------------------------------------
 # Image shards: fn.decoders.image, 1-frame clips
 # --------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _ImagePrepared(_Prepared):
-    """A prepared batch of an image loader: ``encoded[i]`` is one JPEG/PNG, decoded once."""
-
-    def dali_inputs(self, sel: slice = slice(None)) -> tuple:
-        plans = self.plans[sel]
-        return (self.encoded[sel], [p.roi_start for p in plans], [p.roi_end for p in plans],
-                [np.array(int(p.flip), dtype=np.int32) for p in plans])
-
-
 class ImageDaliLoader(_ImageDecoderLoader):
     """:class:`DaliLoader` over image shards (``{key}.jpg|.jpeg|.png`` + ``{key}.json``): every
     image is a 1-frame clip, decoded once by ``fn.decoders.image`` (the frames pipeline with
     one DALI sample per image) and repeated to ``num_frames`` frames, as the PyAV loader's
     ``pyav_backend.decode_image`` does, so images and videos share one batch shape.
 
-    Crop box and flip: :func:`plan_box` over the image size read from the file header (PIL
-    parses the header only; no decode in Python), the draws ``transform_clip`` makes on the
-    PyAV path. Order, cursor, state, resampled mode, quarantine: :class:`DaliLoader`'s.
-    Arguments: as :class:`DaliLoader`.
+    Crop box and flip: :func:`megavid.data.dali.plan.plan_box` over the image size read from
+    the file header (PIL parses the header only; no decode in Python), the draws
+    ``transform_clip`` makes on the PyAV path. Order, cursor, state, resampled mode,
+    quarantine: :class:`DaliLoader`'s. Arguments: as :class:`DaliLoader`.
     """
-
-    _prepared_cls = _ImagePrepared
 
     def _get_codec(self) -> str:
         return "image"  # image JSONs need not record a codec; fn.decoders.image reads both
@@ -153,30 +159,26 @@ class ImageDaliLoader(_ImageDecoderLoader):
     def _get_device(self, requested: str) -> str:
         return get_image_decoder_device(requested, "image shards")
 
-    def _load(self, index: int, epoch: int) -> tuple[dict, str, ClipPlan, np.ndarray]:
+    def _load(self, index: int, epoch: int) -> _Sample:
         from PIL import Image, UnidentifiedImageError
 
         meta, caption = self._load_meta(index, epoch)
         meta["is_image"] = True  # as the PyAV loader marks image samples
-        data = self._read(index, self.table.video)
+        offset, size = self.table.video[index].tolist()
+        chunk = self._read_chunk(index, offset, size)
         try:
-            with Image.open(io.BytesIO(data)) as im:  # header only: the size for the box
+            with Image.open(io.BytesIO(chunk.tobytes())) as im:  # header only: the box's size
                 width, height = im.size
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise _SampleFailed("decode_error", f"cannot decode image: {e}") from e
-        roi_start, roi_end, flip = plan_box(
-            meta, index, height=height, width=width, img_size=self.cfg.img_size,
-            train=self.train, seed=self.seed, epoch=epoch, random_flip=self.cfg.random_flip,
-            crop_scale=self.cfg.crop_scale)
-        shard, key = self._where(index)
-        plan = ClipPlan(index=index, shard=shard, key=key, frames=np.zeros(1, dtype=np.int32),
-                        roi_start=roi_start, roi_end=roi_end, flip=flip)
-        return meta, caption, plan, np.frombuffer(data, dtype=np.uint8)
+        roi, flip = self._plan_box(meta, index, epoch, height, width)
+        return (meta, caption, np.zeros(1, np.int32), roi, flip, [chunk],
+                [(0, 0, int(chunk.size))])
 
     def _images_per_clip(self) -> int:
         return 1  # decoded once, repeated to num_frames in _to_clip
 
-    def _to_clip(self, out, p: _Prepared) -> torch.Tensor:
+    def _to_clip(self, out, p: Prepared) -> torch.Tensor:
         images = dali_to_torch(out)  # [B, C, H, W]
         # T copies (not a stride-0 view): consumers may normalise the batch in place
         return images.unsqueeze(1).expand(-1, self.cfg.num_frames, -1, -1, -1).contiguous()

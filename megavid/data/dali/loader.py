@@ -1,13 +1,14 @@
 """The DALI loader of video shards (:class:`DaliLoader`): megavid's order, cursor, sampling and
-bad-sample rule (the PyAV loader's), with each batch read and planned in Python and decoded by a
-DALI pipeline; a batch DALI fails on is taken apart sample by sample and its culprits
-quarantined (package docstring: :mod:`megavid.data.dali`)."""
+bad-sample rule (the PyAV loader's), with each batch read and planned by the feed stage
+(:mod:`megavid.data.dali.feed`) and decoded by one DALI pipeline that lives as long as the
+loader (:mod:`megavid.data.dali.stream`); a batch DALI fails on is taken apart sample by sample
+and its culprits quarantined (package docstring: :mod:`megavid.data.dali`)."""
 
 from __future__ import annotations
 
 import json
-import threading
-from dataclasses import dataclass, field
+import os
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -15,59 +16,37 @@ import numpy as np
 import torch
 
 from megavid.data.dali.devices import get_dali_device, get_shard_codec
+from megavid.data.dali.feed import FeedFailed, FeedPool, HeapArena, InlineFeed, Prepared, Spec, \
+    Work
 from megavid.data.dali.pipelines import (
     _first_error_line,
     build_video_pipeline,
     dali_to_torch,
     one_batch_source,
 )
-from megavid.data.dali.plan import ClipPlan, plan_clip
+from megavid.data.dali.plan import plan_box, plan_times
 from megavid.data.dali.quarantine import Quarantine
+from megavid.data.dali.stream import PipelineStream
 from megavid.data.loader import VideoTextLoader
-from megavid.data.order import _EpochPlan, _SampleFailed, choose_caption, fill_rank_batch
+from megavid.data.order import (
+    _EpochPlan,
+    _SampleFailed,
+    choose_caption,
+    fill_rank_batch,
+    get_permutation,
+    get_resampled_indices,
+)
 from megavid.data.pyav_backend import trim_to_gops
+from megavid.data.sampling import timestamps_to_indices
 from megavid.data.table import SampleTable, build_sample_table
 from megavid.data.text import build_tokenizer, tokenize
-from megavid.errors import DataError
+from megavid.errors import ConfigError, DataError
 
+_Sample = tuple[dict, str, np.ndarray, np.ndarray, bool, list, list]
+"""One sample read and planned: (JSON, caption, frame indices int32 [F], crop box float32 [4],
+flip, its chunks (uint8 arrays, one per read), its encoded inputs [(chunk, offset, size)])."""
 
-@dataclass(slots=True)
-class _Prepared:
-    """One batch read and planned in Python, waiting for DALI's output."""
-
-    indices: list[int]
-    valid: list[bool]
-    metas: list[dict]
-    captions: list[str]
-    plans: list[ClipPlan]
-    encoded: list[np.ndarray]
-    failed: list[tuple[int, str, str]] = field(default_factory=list)
-    """(index, reason, detail) of every bad sample met while filling the batch (counted and
-    logged by ``VideoTextLoader._record_failures`` when the batch is handed out)."""
-
-    def dali_inputs(self, sel: slice = slice(None)) -> tuple:
-        plans = self.plans[sel]
-        return (self.encoded[sel], [p.frames for p in plans], [p.roi_start for p in plans],
-                [p.roi_end for p in plans], [np.array(int(p.flip), dtype=np.int32) for p in plans])
-
-
-class _PassSource:
-    """External-source callback of one pipeline: iteration i reads step ``first_step + i`` of
-    the pass ``plan`` (DALI calls it ahead of consumption, up to ``prefetch``)."""
-
-    def __init__(self, loader: "DaliLoader", plan: _EpochPlan, first_step: int, prepared: dict,
-                 lock: threading.Lock) -> None:
-        self.loader, self.plan, self.first_step = loader, plan, first_step
-        self.prepared, self.lock = prepared, lock
-
-    def __call__(self, info) -> tuple:
-        s = self.first_step + info.iteration
-        if s >= self.plan.steps:
-            raise StopIteration
-        p = self.loader._prepare(self.plan, s)
-        with self.lock:
-            self.prepared[s] = p
-        return p.dali_inputs()
+_SLOT_MIN, _SLOT_MAX = 1 << 18, 1 << 26  # feed ring slot size bounds (bytes)
 
 
 class DaliLoader(VideoTextLoader):
@@ -80,7 +59,15 @@ class DaliLoader(VideoTextLoader):
     ``_iter_plan`` (decode a pass with DALI) is its own. The batch contract is the same ("video",
     "input_ids", "attention_mask", "captions", "keys", "meta", "valid", "indices"); "video" is
     on the GPU for ``device='mixed'`` (no round trip through host memory; ``normalize_clip``
-    accepts either).
+    accepts either). On the CPU, "video" shares DALI's output buffer (no copy; DALI allocates
+    a new one for every batch).
+
+    One DALI pipeline serves every pass of the loader (:mod:`megavid.data.dali.stream`); it is
+    built at the first batch and again only after a quarantine event. The feed stage (read the
+    JSON and the frames, choose the caption, plan frames and crop) runs in
+    ``data.feed_workers`` processes ahead of the pipeline. :meth:`stats` reports the counters
+    (module docstring of :mod:`megavid.data.loader`, "Counters"); :meth:`close` stops the feed
+    workers and drops the pipeline (also done when the loader is collected).
 
     A sample that fails (unreadable member, bad JSON, no caption: found in Python; a video
     DALI cannot decode: found by re-decoding the failed batch one sample at a time) is
@@ -100,6 +87,7 @@ class DaliLoader(VideoTextLoader):
         quarantine: a :class:`Quarantine` or the path of its JSON file (None:
             ``data_cfg.quarantine``, in memory when that is empty).
         num_threads: DALI CPU threads (None: ``data_cfg.num_workers``, at least 1).
+        feed_workers: feed processes (None: ``data_cfg.feed_workers``; 0: in this process).
         table: the split's sample table, already built (None: read the split's index).
         codec: the shards' codec, already known (None: read it from the index).
     """
@@ -117,6 +105,7 @@ class DaliLoader(VideoTextLoader):
         device: str = "auto",
         quarantine: Quarantine | str | Path | None = None,
         num_threads: int | None = None,
+        feed_workers: int | None = None,
         table: SampleTable | None = None,
         codec: str | None = None,
     ) -> None:
@@ -131,11 +120,23 @@ class DaliLoader(VideoTextLoader):
         self.device_id = torch.cuda.current_device() if self.device == "mixed" else None
         self.num_threads = max(1, num_threads or data_cfg.num_workers)
         self.prefetch = 2
+        self.feed_workers = data_cfg.feed_workers if feed_workers is None else feed_workers
+        if self.feed_workers < 0:
+            raise ConfigError(f"data.feed_workers={self.feed_workers} must be >= 0 (0: prepare "
+                              "batches in the loader's process)")
         if quarantine is None:
             quarantine = getattr(data_cfg, "quarantine", "") or None
         self.quarantine = (quarantine if isinstance(quarantine, Quarantine)
                            else Quarantine(quarantine))
         self.tokenizer = build_tokenizer(data_cfg.tokenizer)
+        self._tar_names = [os.path.basename(t) for t in table.tars]
+        self._fds: dict[int, int] = {}
+        self._perms: dict[tuple, np.ndarray] = {}
+        self._arena: HeapArena | None = None  # where the batch being prepared reads to
+        self._reads = 0
+        self._stream = PipelineStream(self, feed_workers=self.feed_workers,
+                                      prefetch=self.prefetch)
+        weakref.finalize(self, _close, self._stream, self._fds)
 
     def _get_codec(self) -> str:
         """The codec of this loader's shards (decides the DALI device)."""
@@ -145,46 +146,153 @@ class DaliLoader(VideoTextLoader):
         """'cpu' or 'mixed' for this loader's shards (raises when they cannot be decoded)."""
         return get_dali_device(self.codec, requested)
 
+    # -- counters and lifetime ------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """The loader's counters (module docstring of :mod:`megavid.data.loader`, "Counters");
+        also "feed_wait_ms_per_batch" (wall time DALI's source waited for the feed),
+        "feed_workers", "dropped_batches" (prepared or decoded for a pass that did not come)
+        and "reads_per_clip"."""
+        return self._stream.stats()
+
+    def close(self) -> None:
+        """Stop the feed workers and drop the pipeline (the next pass builds a new one)."""
+        self._stream.close()
+
+    def _as_feed_worker(self) -> None:
+        """In a forked feed worker: never write the quarantine file, never touch the parent's
+        pipeline or feed (the worker only runs :meth:`_prepare_work`)."""
+        self.quarantine.path = None
+        self._stream = None
+
+    # -- the pass sequence (feed.py, "Work items") ----------------------------------------
+    def _spec(self, plan: _EpochPlan) -> Spec:
+        return self._resampled, self.seed, plan.epoch, plan.start, plan.steps
+
+    def _next_spec(self, spec: Spec) -> Spec:
+        """The pass ``__iter__`` runs after ``spec`` when nothing intervenes: train, the next
+        epoch from its start; eval, the same pass again; resampled, the next chunk."""
+        resampled, seed, epoch, _, _ = spec
+        if resampled:
+            return resampled, seed, epoch + 1, 0, len(self)
+        return resampled, seed, epoch + 1 if self.train else epoch, 0, self._steps_from(0)
+
+    def _plan_for(self, spec: Spec) -> _EpochPlan:
+        """The :class:`_EpochPlan` of a pass (what ``_plan`` / ``_resampled_plan`` made)."""
+        resampled, seed, epoch, start, steps = spec
+        key = (resampled, seed, epoch)
+        perm = self._perms.get(key)
+        if perm is None:
+            if resampled:
+                per_chunk = len(self)
+                perm = get_resampled_indices(self.num_samples, seed, epoch * per_chunk,
+                                             per_chunk, self.global_batch)
+            else:
+                perm = get_permutation(self.num_samples, seed, epoch,
+                                       self.train and self.cfg.shuffle, self.cfg.shuffle_block)
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = perm
+        return _EpochPlan(epoch=epoch, start=start, perm=perm, steps=steps,
+                          global_batch=self.global_batch, batch_size=self.batch_size,
+                          rank=self.rank, wrap=resampled or self._wrap)
+
+    def _make_feed(self, workers: int, depth: int) -> InlineFeed | FeedPool:
+        """The feed of the pipeline: ``depth`` items at most between the feed and the output."""
+        if workers == 0:
+            return InlineFeed(self)
+        return FeedPool(self, workers, slots=depth // workers + 2, slot_bytes=self._slot_bytes())
+
+    def _slot_bytes(self) -> int:
+        """A feed slot's size: a batch of the largest reads among up to 1024 samples (a rare
+        larger batch goes through the worker's pipe instead)."""
+        rows = np.linspace(0, self.num_samples - 1, min(self.num_samples, 1024)).astype(int)
+        per_sample = int(self._read_bytes(rows).max()) if len(rows) else 0
+        return int(min(_SLOT_MAX, max(_SLOT_MIN, 1.25 * per_sample * self.batch_size)))
+
+    def _read_bytes(self, rows: np.ndarray) -> np.ndarray:
+        """Bytes the feed reads into the ring for samples ``rows`` (at most)."""
+        return self.table.video[rows, 1]
+
     # -- reading and planning --------------------------------------------------------------
     def _where(self, index: int) -> tuple[str, str]:
-        return Path(self.table.tars[int(self.table.tar_id[index])]).name, self.table.keys[index]
+        return self._tar_names[int(self.table.tar_id[index])], self.table.keys[index]
 
-    def _read(self, index: int, span: np.ndarray) -> bytes:
-        offset, size = (int(v) for v in span[index])
+    def _fd(self, index: int) -> int:
+        tid = int(self.table.tar_id[index])
+        fd = self._fds.get(tid)
+        if fd is None:
+            try:
+                fd = self._fds[tid] = os.open(self.table.tars[tid], os.O_RDONLY)
+            except OSError as e:
+                raise _SampleFailed("read_error", str(e)) from e
+        return fd
+
+    def _pread(self, index: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of sample ``index``'s tar (the JSON member)."""
         try:
-            with open(self.table.tars[int(self.table.tar_id[index])], "rb") as f:
-                f.seek(offset)
-                data = f.read(size)
+            data = os.pread(self._fd(index), size, offset)
         except OSError as e:
             raise _SampleFailed("read_error", str(e)) from e
+        self._reads += 1
         if len(data) != size:
             raise _SampleFailed("truncated_shard", f"member ends after {len(data)} of {size} bytes")
         return data
 
-    def _load(self, index: int, epoch: int) -> tuple[dict, str, ClipPlan, np.ndarray]:
-        """Read and plan one sample: (sample JSON, caption, plan, encoded bytes)."""
-        meta, caption = self._load_meta(index, epoch)
+    def _read_chunk(self, index: int, offset: int, size: int) -> np.ndarray:
+        """``size`` bytes at ``offset`` of sample ``index``'s tar, read into the batch's arena
+        (a feed worker's shared slot: no copy on the way to DALI)."""
         try:
-            plan = plan_clip(meta, index, num_frames=self.cfg.num_frames,
-                             img_size=self.cfg.img_size, train=self.train, seed=self.seed,
-                             epoch=epoch, random_flip=self.cfg.random_flip,
-                             crop_scale=self.cfg.crop_scale,
-                             shard=self._where(index)[0])
-        except DataError as e:
-            raise _SampleFailed("decode_error", str(e)) from e
-        encoded = self._read(index, self.table.video)
-        if self.cfg.dali_trim_gops:
-            # only the GOPs of the sampled frames: DALI does not seek in memory (FRAMES.md)
-            encoded, plan.frames = trim_to_gops(encoded, plan.frames)
-        return meta, caption, plan, np.frombuffer(encoded, dtype=np.uint8)
+            out = self._arena.read(self._fd(index), offset, size)
+        except OSError as e:
+            raise _SampleFailed("read_error", str(e)) from e
+        self._reads += 1
+        if out is None:
+            raise _SampleFailed("truncated_shard", f"member ends before {size} bytes at "
+                                f"offset {offset}")
+        return out
 
     def _load_meta(self, index: int, epoch: int) -> tuple[dict, str]:
         """Read one sample's JSON and choose its caption (the PyAV loader's choice)."""
+        offset, size = self.table.meta[index].tolist()
         try:
-            meta = json.loads(self._read(index, self.table.meta))
+            meta = json.loads(self._pread(index, offset, size))
         except (ValueError, UnicodeDecodeError) as e:
             raise _SampleFailed("bad_json", str(e)) from e
-        return meta, choose_caption(meta, train=self.train, seed=self.seed, epoch=epoch, index=index)
+        return meta, choose_caption(meta, train=self.train, seed=self.seed, epoch=epoch,
+                                    index=index)
+
+    def _plan_box(self, meta: dict, index: int, epoch: int, height: int,
+                  width: int) -> tuple[np.ndarray, bool]:
+        """Crop box float32 [4] (y0, x0, y1, x1) and flip: ``plan_box``'s draws."""
+        start, end, flip = plan_box(meta, index, height=height, width=width,
+                                    img_size=self.cfg.img_size, train=self.train, seed=self.seed,
+                                    epoch=epoch, random_flip=self.cfg.random_flip,
+                                    crop_scale=self.cfg.crop_scale)
+        return np.concatenate([start, end]), flip
+
+    def _load(self, index: int, epoch: int) -> _Sample:
+        """Read and plan one video sample (``plan_clip``'s draws; the video member read whole)."""
+        meta, caption = self._load_meta(index, epoch)
+        try:
+            fps, n_video = float(meta["fps"]), int(meta["num_frames"])
+            height, width = int(meta["height"]), int(meta["width"])
+            ts = plan_times(meta, index, num_frames=self.cfg.num_frames, train=self.train,
+                            seed=self.seed, epoch=epoch)
+            frames = timestamps_to_indices(ts, fps, n_video).astype(np.int32)
+            roi, flip = self._plan_box(meta, index, epoch, height, width)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _SampleFailed("decode_error", f"sample {meta.get('key')!r}: JSON lacks "
+                                f"duration/fps/num_frames/width/height ({e}); re-create the "
+                                "shards with megavid") from e
+        except DataError as e:
+            raise _SampleFailed("decode_error", str(e)) from e
+        offset, size = self.table.video[index].tolist()
+        chunk = self._read_chunk(index, offset, size)
+        if self.cfg.dali_trim_gops:
+            # only the GOPs of the sampled frames: DALI does not seek in memory (FRAMES.md)
+            data, frames = trim_to_gops(chunk.tobytes(), frames)
+            chunk = self._arena.put(data)
+        return meta, caption, frames, roi, flip, [chunk], [(0, 0, int(chunk.size))]
 
     def _known_bad(self, index: int) -> tuple[str, str] | None:
         """(reason, detail) of a quarantined sample (this run's or a previous one's), else None."""
@@ -197,65 +305,126 @@ class DaliLoader(VideoTextLoader):
         shard, key = self._where(index)
         self.quarantine.add(shard, key, reason, detail)
 
-    def _prepare(self, epoch_plan: _EpochPlan, step: int) -> _Prepared:
-        """This rank's part of step ``step`` of the pass ``epoch_plan``: the positions of
-        ``VideoTextLoader``, bad samples (quarantined, or failing in Python now) replaced by
-        the rule of :func:`megavid.data.order.fill_rank_batch`, as in the PyAV loader. A sample
-        DALI cannot decode is found when the batch fails, quarantined, and the batch prepared
-        again: the same rule then replaces it, so the batch is the one PyAV's would be."""
-        out = self._prepared_cls([], [], [], [], [], [])
+    def _prepare(self, epoch_plan: _EpochPlan, step: int) -> Prepared:
+        """This rank's part of step ``step`` of the pass ``epoch_plan`` (the feed stage, in a
+        feed worker or in this process): the positions of ``VideoTextLoader``, bad samples
+        (quarantined, or failing in Python now) replaced by the rule of
+        :func:`megavid.data.order.fill_rank_batch`, as in the PyAV loader. A sample DALI cannot
+        decode is found when the batch fails, quarantined, and the batch prepared again: the
+        same rule then replaces it, so the batch is the one PyAV's would be.
+
+        Raises:
+            DataError: ``data.max_consecutive_failures`` bad samples for one slot (the bad
+                samples met are attached as ``failed``, for the loader to count).
+        """
+        failed: list[tuple[int, str, str]] = []
+        self._reads = 0
         try:
             slots = fill_rank_batch(
                 epoch_plan, step, num_samples=self.num_samples, train=self.train,
                 seed=self.seed, load=lambda index: self._load(index, epoch_plan.epoch),
-                known_bad=self._known_bad, mark_bad=self._mark_bad, failed=out.failed,
+                known_bad=self._known_bad, mark_bad=self._mark_bad, failed=failed,
                 max_failures=self.cfg.max_consecutive_failures, where=self._where)
-        except DataError:
-            self._record_failures(out.failed)  # the abort's culprits are counted and logged
+        except DataError as e:
+            e.failed = failed  # the abort's culprits are counted and logged by the loader
             raise
-        for index, valid, (meta, caption, plan, encoded) in slots:
-            out.indices.append(index)
-            out.valid.append(valid)
-            out.metas.append(meta)
-            out.captions.append(caption)
-            out.plans.append(plan)
-            out.encoded.append(encoded)
-        return out
+        b = len(slots)
+        per_clip = len(slots[0][2][6]) if slots else 1
+        frames = np.zeros((b, len(slots[0][2][2]) if slots else 1), np.int32)
+        roi = np.empty((b, 4), np.float32)
+        flip = np.zeros(b, np.int32)
+        items = np.empty((b, per_clip, 3), np.int64)
+        chunks: list[np.ndarray] = []
+        for j, (_, _, (_, _, fr, box, fl, cks, its)) in enumerate(slots):
+            frames[j] = fr
+            roi[j] = box
+            flip[j] = fl
+            items[j] = its
+            items[j, :, 0] += len(chunks)
+            chunks += cks
+        return Prepared(
+            work=(self._spec(epoch_plan), step), indices=[i for i, _, _ in slots],
+            valid=[v for _, v, _ in slots], metas=[s[0] for _, _, s in slots],
+            captions=[s[1] for _, _, s in slots], frames=frames, roi=roi, flip=flip,
+            chunks=chunks, items=items, failed=failed, reads=self._reads)
 
-    def _assemble(self, video: torch.Tensor, p: _Prepared) -> dict[str, Any]:
+    def _prepare_work(self, work: Work, arena: HeapArena) -> Prepared:
+        """Prepare a work item of the sequence into ``arena`` (the feed's entry point).
+
+        Raises:
+            DataError: too many bad samples for a slot; :class:`FeedFailed`: anything else.
+        """
+        spec, step = work
+        seed, self.seed = self.seed, spec[1]  # a worker's copy may predate load_state_dict
+        self._arena = arena
+        try:
+            p = self._prepare(self._plan_for(spec), step)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - not a sample's fault: the loader stops
+            raise FeedFailed(self._describe_feed_error(work, e)) from e
+        finally:
+            self._arena = None
+            self.seed = seed
+        p.work = work
+        return p
+
+    def _describe_feed_error(self, work: Work, error: BaseException) -> str:
+        (_, _, epoch, start, _), step = work
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        return (f"the DALI feed stage failed preparing global step "
+                f"{start // self.global_batch + step + 1} of epoch {epoch} "
+                f"({type(error).__name__}: {lines[0][:300] if lines else ''}); set "
+                "data.backend=pyav to read the shards without DALI")
+
+    def _note_failed(self, p: Prepared) -> None:
+        """Quarantine the bad samples a feed worker found in Python (its own quarantine is a
+        copy): later batches skip them, and a quarantine file keeps them for the next run."""
+        for index, reason, detail in p.failed:
+            self._mark_bad(index, reason, detail)
+
+    def _assemble(self, video: torch.Tensor, p: Prepared) -> dict[str, Any]:
         input_ids, attention_mask = tokenize(self.tokenizer, p.captions, self.cfg.max_text_len)
         return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask,
                 "captions": list(p.captions), "keys": [self.table.keys[i] for i in p.indices],
                 "meta": p.metas, "valid": torch.tensor(p.valid, dtype=torch.bool),
                 "indices": torch.tensor(p.indices, dtype=torch.int64)}
 
-    # -- the DALI part (overridden by FramesDaliLoader) ------------------------------------
-    _prepared_cls = _Prepared
-
+    # -- the DALI part (overridden by the image-decoder loaders) ---------------------------
     def _build_pipeline(self, source: Callable, *, batch_size: int, num_threads: int,
                         prefetch: int):
-        """The built pipeline decoding ``batch_size`` samples per iteration from ``source``."""
+        """The built pipeline decoding ``batch_size`` clips per iteration from ``source``."""
         return build_video_pipeline(source, batch_size=batch_size, img_size=self.cfg.img_size,
                                     device=self.device, device_id=self.device_id,
                                     num_threads=num_threads, prefetch=prefetch, seed=self.seed)
 
-    def _to_clip(self, out, p: _Prepared) -> torch.Tensor:
+    def _dali_inputs(self, p: Prepared, clips: list[int] | None = None) -> tuple:
+        """The external source's batch for ``p`` (or its ``clips``): encoded videos, frame
+        indices, crop box start and end, flips."""
+        sel = slice(None) if clips is None else clips
+        items = p.items[sel, 0]
+        encoded = [p.chunks[c][o:o + s] for c, o, s in items.tolist()]
+        roi = p.roi[sel]
+        return (encoded, np.ascontiguousarray(p.frames[sel]), np.ascontiguousarray(roi[:, :2]),
+                np.ascontiguousarray(roi[:, 2:]), np.ascontiguousarray(p.flip[sel]))
+
+    def _to_clip(self, out, p: Prepared) -> torch.Tensor:
         """The pipeline's output for prepared batch ``p`` -> uint8 [B, T, C, H, W]."""
         return dali_to_torch(out)
 
     # -- faults ---------------------------------------------------------------------------
-    def _decode_alone(self, p: _Prepared, j: int) -> str | None:
-        """Decode sample ``j`` of a prepared batch in a 1-sample pipeline of the same kind;
+    def _decode_alone(self, p: Prepared, j: int) -> str | None:
+        """Decode clip ``j`` of a prepared batch in a 1-clip pipeline of the same kind;
         None if it decodes, else DALI's message."""
         try:
-            pipe = self._build_pipeline(one_batch_source(p.dali_inputs(slice(j, j + 1))),
+            pipe = self._build_pipeline(one_batch_source(self._dali_inputs(p, [j])),
                                         batch_size=1, num_threads=1, prefetch=1)
             pipe.run()
         except Exception as e:  # noqa: BLE001 - DALI reports decode failures as RuntimeError
             return _first_error_line(e)
         return None
 
-    def _quarantine_culprits(self, batches: list[_Prepared], error: Exception) -> int:
+    def _quarantine_culprits(self, batches: list[Prepared], error: Exception) -> int:
         """Quarantine the samples of the failed batch (or, failing that, of the batches DALI
         had prefetched after it) that fail alone. Returns how many."""
         found = 0
@@ -274,41 +443,23 @@ class DaliLoader(VideoTextLoader):
 
     # -- iteration ------------------------------------------------------------------------
     def _iter_plan(self, plan: _EpochPlan) -> Iterator[dict[str, Any]]:
-        """The batches of one pass (an epoch from the cursor, or a resampled chunk) decoded by
-        DALI; ``VideoTextLoader.__iter__`` moves the cursor and ends the epoch, so order,
-        resume and resampled mode are the PyAV loader's."""
-        steps = plan.steps
-        step = 0
-        consecutive = 0
-        while step < steps:
-            first_step = step
-            prepared: dict[int, _Prepared] = {}
-            lock = threading.Lock()
-            source = _PassSource(self, plan, first_step, prepared, lock)
-            pipe = self._build_pipeline(source, batch_size=self.batch_size,
-                                        num_threads=self.num_threads, prefetch=self.prefetch)
-            try:
-                while step < steps:
-                    try:
-                        (video,) = pipe.run()
-                    except StopIteration:  # pragma: no cover - the source and `steps` agree
-                        raise RuntimeError("DALI pipeline ended before its last batch") from None
-                    except RuntimeError as e:  # DALI's operator errors; others propagate
-                        with lock:
-                            pending = [prepared[s] for s in sorted(prepared) if s >= step]
-                        consecutive += self._quarantine_culprits(pending, e)
-                        if consecutive >= self.cfg.max_consecutive_failures:
-                            raise DataError(
-                                f"{consecutive} samples in a row failed to decode with DALI "
-                                f"(quarantine: {self.quarantine.path or 'in memory'}); check "
-                                "the shards with `megavid verify-shards`") from e
-                        break  # rebuild the pipeline at `step`, without the culprits
-                    with lock:
-                        p = prepared.pop(step)
-                    self._record_failures(p.failed)
-                    consecutive = 0
-                    clip = self._to_clip(video, p)
-                    step += 1
-                    yield self._assemble(clip, p)
-            finally:
-                del pipe
+        """The batches of one pass (an epoch from the cursor, or a resampled chunk), out of the
+        loader's one pipeline; ``VideoTextLoader.__iter__`` moves the cursor and ends the epoch,
+        so order, resume and resampled mode are the PyAV loader's."""
+        spec = self._spec(plan)
+        self._stream.begin(spec)
+        for step in range(plan.steps):
+            p, clip = self._stream.next_batch((spec, step))
+            self._record_failures(p.failed)
+            yield self._assemble(clip, p)
+
+
+def _close(stream: PipelineStream, fds: dict[int, int]) -> None:
+    """The loader is gone: stop its feed workers, drop its pipeline, close its files."""
+    stream.close()
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
