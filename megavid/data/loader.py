@@ -58,12 +58,32 @@ state_dict). Each bad sample is logged once per loader ("skipped sample KEY in s
 then a count every _LOG_EVERY), and every pass that met bad samples ends with a summary line.
 Resampled mode keeps its draws as they are (with replacement, so a batch may hold a sample
 twice by design); only replacements follow the rule.
+
+Counters: every loader (this one, the DALI loaders, ``MixedLoader``, ``SyntheticLoader``) has
+``stats() -> dict[str, float]``, cumulative over the loader's life, with at least:
+
+* ``pipeline_builds``: DALI pipelines the loader built (0 for non-DALI loaders). A DALI loader
+  builds one at its first batch and another only after a quarantine event (the 1-sample
+  pipelines that find the culprit are not counted);
+* ``batches``: batches handed out;
+* ``feed_ms_per_batch``: mean CPU milliseconds the feed stage spent per batch it prepared
+  (CPU time, summed over every process it runs in). DALI: read the JSON and the encoded
+  bytes, choose the caption, plan frames and crop, hand the inputs to DALI (the feed workers'
+  CPU plus the main thread's hand-over). PyAV/decord: the DataLoader workers' whole batch
+  (read, decode and transform are one call there: no separate feed);
+* ``decode_wait_ms_per_batch``: mean wall milliseconds the consumer waited for a decoded
+  batch (inside ``next()``: a DALI ``pipeline.run()``, a DataLoader fetch). Against the step
+  time it is the data wait.
+
+The DALI loaders add ``feed_wait_ms_per_batch``, ``feed_workers``, ``dropped_batches`` and
+``reads_per_clip`` (:meth:`megavid.data.dali.loader.DaliLoader.stats`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -116,12 +136,20 @@ class VideoTextLoader:
         self._epoch_failures: Counter = Counter()  # the same, by reason
         self._bad_epoch: int | None = None  # the epoch _epoch_bad belongs to
         self._logged: set[int] = set()  # bad samples logged (once per loader)
+        self._counts = {"batches": 0, "prepared": 0, "feed_cpu_s": 0.0, "wait_s": 0.0}
         n, g = len(table), self.global_batch
         if train and data_cfg.drop_last and not data_cfg.resampled and n < g:
             raise DataError(
                 f"split '{split}' has {n} samples, fewer than one global batch "
                 f"(data.batch_size={self.batch_size} x {world_size} ranks = {g}); lower "
                 "data.batch_size or add data")
+
+    def stats(self) -> dict[str, float]:
+        """The loader's counters (module docstring, "Counters"); no DALI pipeline here."""
+        c = self._counts
+        return {"pipeline_builds": 0.0, "batches": float(c["batches"]),
+                "feed_ms_per_batch": 1e3 * c["feed_cpu_s"] / max(1, c["prepared"]),
+                "decode_wait_ms_per_batch": 1e3 * c["wait_s"] / max(1, c["batches"])}
 
     @property
     def num_samples(self) -> int:
@@ -272,10 +300,20 @@ class VideoTextLoader:
             worker_init_fn=_worker_init if nw > 0 else None, persistent_workers=False)
         # The DataLoader hands item i to worker i % nw and yields items in index order (its
         # default in-order delivery), so the batch sequence never depends on worker timing.
-        for batch in loader:
+        it = iter(loader)
+        counts = self._counts
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            counts["wait_s"] += time.perf_counter() - t0
+            if batch is None:
+                return
+            counts["prepared"] += 1
+            counts["feed_cpu_s"] += batch.pop("_feed_cpu_s", 0.0)
             self._record_failures(batch.pop("_failed"))
             if "_abort" in batch:
                 raise DataError(batch["_abort"])
+            counts["batches"] += 1
             yield batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -13,6 +13,7 @@ epoch of its source and logged once); ``failures`` sums the two.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -91,6 +92,18 @@ class MixedLoader:
         self.video = video
         self.image = image
         self._image_iter: Iterator[dict[str, Any]] | None = None
+        self._batches = 0
+        self._wait_s = 0.0
+
+    def stats(self) -> dict[str, float]:
+        """The counters of :mod:`megavid.data.loader` ("Counters") over the mixed batches: the
+        two sources' pipeline builds and feed CPU summed, the wait for both parts of a batch."""
+        v, i = self.video.stats(), self.image.stats()
+        n = max(1, self._batches)
+        feed = (v["feed_ms_per_batch"] * v["batches"] + i["feed_ms_per_batch"] * i["batches"])
+        return {"pipeline_builds": v["pipeline_builds"] + i["pipeline_builds"],
+                "batches": float(self._batches), "feed_ms_per_batch": feed / n,
+                "decode_wait_ms_per_batch": 1e3 * self._wait_s / n}
 
     @property
     def failures(self) -> Counter:
@@ -142,8 +155,15 @@ class MixedLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
-            for vb in self.video:
+            videos = iter(self.video)
+            while True:
+                t0 = time.perf_counter()
+                vb = next(videos, None)
+                if vb is None:
+                    break
                 ib = self._next_image()
+                self._wait_s += time.perf_counter() - t0
+                self._batches += 1
                 yield {
                     "video": torch.cat([vb["video"], ib["video"]]),
                     "input_ids": torch.cat([vb["input_ids"], ib["input_ids"]]),

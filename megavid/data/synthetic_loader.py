@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any, Iterator
 
@@ -26,6 +27,15 @@ class SyntheticLoader:
         self.cursor = 0
         self.failures: Counter = Counter()
         self._tokenizer = get_cached_tokenizer(data_cfg.tokenizer)
+        self._batches = 0
+        self._make_s = 0.0
+
+    def stats(self) -> dict[str, float]:
+        """The loader counters of :mod:`megavid.data.loader` ("Counters"): no pipeline and no
+        feed; the wait is the time spent drawing a batch's random tensors."""
+        n = max(1, self._batches)
+        return {"pipeline_builds": 0.0, "batches": float(self._batches),
+                "feed_ms_per_batch": 0.0, "decode_wait_ms_per_batch": 1e3 * self._make_s / n}
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -44,6 +54,7 @@ class SyntheticLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         b, g, c = self.batch_size, self.batch_size * self.world_size, self.cfg
         while self.cursor < self.steps_per_epoch * g:
+            t0 = time.perf_counter()
             first = self.cursor + self.rank * b
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, first)) % 2**62)
             video = torch.randint(0, 256, (b, c.num_frames, 3, c.img_size, c.img_size),
@@ -51,6 +62,8 @@ class SyntheticLoader:
             captions = [f"synthetic clip {first + j}" for j in range(b)]
             ids, mask = tokenize(self._tokenizer, captions, c.max_text_len)
             self.cursor += g
+            self._make_s += time.perf_counter() - t0
+            self._batches += 1
             yield {"video": video, "input_ids": ids, "attention_mask": mask,
                    "captions": captions, "keys": [f"syn{first + j}" for j in range(b)],
                    "meta": [{} for _ in range(b)], "valid": torch.ones(b, dtype=torch.bool),
