@@ -12,6 +12,11 @@ from typing import Any, Callable
 from torch import nn
 
 from megavid.errors import ConfigError
+from megavid.models.bert import BertLayer, BertSelfAttention
+from megavid.models.timesformer import Block
+
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (Block, BertLayer)
+"""Transformer block classes: the units of activation checkpointing and regional compilation."""
 
 MODEL_REGISTRY: dict[str, Callable[[Any], nn.Module]] = {}
 
@@ -35,8 +40,10 @@ def get_model_names() -> list[str]:
 def build_model(model_cfg: Any) -> nn.Module:
     """Build the model named by ``model_cfg.name`` (e.g. "videolm") from a ``ModelConfig``.
 
-    Applies ``model_cfg.grad_checkpointing``. Weight files named in the config are loaded by
-    the task (``megavid.tasks.base.load_initial_weights``), not here.
+    Applies ``model_cfg.kernel_impl``. Activation checkpointing (``model.grad_checkpointing``,
+    ``grad_checkpointing_mode``) and ``model.compile`` are training decisions the engine applies
+    (``megavid.engine.parallelize.apply_model_options``). Weight files named in the config are
+    loaded by the task (``megavid.tasks.base.load_initial_weights``), not here.
 
     Args:
         model_cfg: the ``model`` section of the config.
@@ -46,8 +53,6 @@ def build_model(model_cfg: Any) -> nn.Module:
             f"unknown model.name={model_cfg.name!r}; valid: {', '.join(get_model_names())}"
         )
     model = MODEL_REGISTRY[model_cfg.name](model_cfg)
-    if model_cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(model_cfg.grad_checkpointing)
     if model_cfg.kernel_impl != "torch":
         apply_kernels(model, model_cfg.kernel_impl)
     return model
@@ -57,26 +62,42 @@ def apply_kernels(model: nn.Module, impl: str) -> dict[str, int]:
     """Switch ``model`` to megavid.kernels' fused ops (before DeepSpeed wraps it).
 
     LayerNorms become residual-fused LayerNorms and timm-style MLPs bias+GELU-fused
-    (``apply_fused_kernels``; parameters and names unchanged), and divided space-time blocks
-    run the fused block (``divided_block_forward``).
+    (``apply_fused_kernels``; parameters and names unchanged), divided space-time blocks run
+    the fused block (``divided_block_forward``), BERT self-attention runs ``short_attention``
+    and BERT layers fuse each residual add into their post-norm.
 
     Args:
         model: the model.
         impl: ``model.kernel_impl`` ("triton", "apex", "auto"; "torch" restores nothing).
 
     Returns:
-        counts of swapped modules, plus "divided_block".
+        counts of swapped modules, plus "divided_block", "bert_attention" and "bert_layer".
     """
     from megavid.kernels import apply_fused_kernels, get_impl
 
     get_impl(impl)  # unknown names raise ConfigError listing the valid ones
     counts = apply_fused_kernels(model, impl)
-    counts["divided_block"] = 0
+    counts.update(divided_block=0, bert_attention=0, bert_layer=0)
     for m in model.modules():
-        if getattr(m, "attention_type", None) == "divided_space_time" and hasattr(m, "kernel_impl"):
+        if isinstance(m, Block) and m.attention_type == "divided_space_time":
             m.kernel_impl = impl
             counts["divided_block"] += 1
+        elif isinstance(m, BertSelfAttention):
+            m.kernel_impl = impl
+            counts["bert_attention"] += 1
+        elif isinstance(m, BertLayer):
+            m.kernel_impl = impl
+            counts["bert_layer"] += 1
     return counts
+
+
+def get_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model``: every TimeSformer ``Block`` and ``BertLayer`` (text
+    and fusion layers, momentum towers included), in module order. They are the units the
+    engine checkpoints and compiles (``megavid.engine.parallelize``): blocks of one class and
+    input shape run the same code.
+    """
+    return [m for m in model.modules() if isinstance(m, BLOCK_TYPES)]
 
 
 @register_model("videolm")
@@ -86,4 +107,5 @@ def _build_videolm(model_cfg: Any) -> nn.Module:
     return VideoLM(model_cfg)
 
 
-__all__ = ["MODEL_REGISTRY", "apply_kernels", "build_model", "get_model_names", "register_model"]
+__all__ = ["BLOCK_TYPES", "MODEL_REGISTRY", "apply_kernels", "build_model", "get_blocks", "get_model_names",
+           "register_model"]

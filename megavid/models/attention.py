@@ -11,6 +11,10 @@ Key padding masks are ``[B, Lk]`` with 1/True for tokens to attend to (the BERT 
 ``attention_mask``); they are broadcast over heads and queries here, so callers never build
 additive ``-inf`` masks themselves.
 
+Activation checkpointing inside a block is selective (``CHECKPOINT_MODES``): a block or layer
+whose ``checkpoint_mode`` names one of its parts (attention, MLP) recomputes only that part in
+backward (:func:`checkpoint_part`), or the whole block for ``"full"``.
+
 LayerNorm comes from NVIDIA apex (``FusedLayerNorm``) when apex is importable, else torch's.
 apex is never a dependency; both have the same ``weight``/``bias`` parameters, so checkpoints
 do not care which one was used.
@@ -19,14 +23,18 @@ do not care which one was used.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 AttnImpl = Literal["sdpa", "math"]
 ATTN_IMPLS: tuple[str, ...] = ("sdpa", "math")
+CHECKPOINT_MODES: tuple[str, ...] = ("full", "attention", "mlp")
+"""What activation checkpointing recomputes in a checkpointed block: all of it, its attention
+branches (norm, qkv, attention, output projection), or its MLP."""
 
 try:  # pragma: no cover - apex is not installed in CI
     from apex.normalization import FusedLayerNorm as _ApexLayerNorm
@@ -47,6 +55,36 @@ def build_layer_norm(dim: int, eps: float) -> nn.Module:
     if HAS_APEX:  # pragma: no cover
         return _ApexLayerNorm(dim, eps=eps)
     return nn.LayerNorm(dim, eps=eps)
+
+
+def checkpoint_part(block: nn.Module, part: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, recomputed in backward (non-reentrant checkpoint) when ``block`` is in
+    training, grad is on and ``block.checkpoint_mode == part``.
+
+    Args:
+        block: a TimeSformer ``Block`` or ``BertLayer`` (anything with ``checkpoint_mode``).
+        part: one of ``CHECKPOINT_MODES``; "full" wraps a whole block's forward.
+        fn: the computation of that part.
+        *args: its inputs (tensors, or tuples of them).
+    """
+    if block.checkpoint_mode == part and block.training and torch.is_grad_enabled():
+        # Non-reentrant: correct gradients even when no input requires grad (frozen stem).
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def split_heads(proj_BLC: torch.Tensor, parts: int, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """Split a fused projection ``[B, L, parts * H * Dh]`` (q/k/v or k/v) into ``parts``
+    per-head views ``[B, H, L, Dh]``, without a copy.
+
+    ``unbind`` on the ``parts`` dim of the ``[B, L, parts, H, Dh]`` view: in backward the
+    gradients are stacked straight into the projection's ``[B, L, parts * H * Dh]`` layout (one
+    write). Indexing ``qkv[0], qkv[1], qkv[2]`` instead zero-fills a projection-sized gradient
+    per index and sums them, and a ``permute(2, 0, 3, 1, 4)`` first adds a transposing copy.
+    """
+    B, L, C = proj_BLC.shape
+    head_dim = C // (parts * num_heads)
+    return tuple(t.transpose(1, 2) for t in proj_BLC.view(B, L, parts, num_heads, head_dim).unbind(2))
 
 
 def _expand_key_mask(key_mask_BL: torch.Tensor | None) -> torch.Tensor | None:
@@ -116,9 +154,6 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor, key_mask_BL: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x_BLD.shape
-        qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(
-            qkv[0], qkv[1], qkv[2], key_mask_BL, impl=self.impl,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )
+        q, k, v = split_heads(self.qkv(x_BLD), 3, self.num_heads)
+        out = attention(q, k, v, key_mask_BL, impl=self.impl, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))

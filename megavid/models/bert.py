@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from megavid.models.attention import attention, build_layer_norm
+from megavid.models.attention import CHECKPOINT_MODES, attention, build_layer_norm, checkpoint_part, split_heads
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,10 +76,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor, enc_BSE: torch.Tensor, enc_mask_BS: torch.Tensor | None) -> torch.Tensor:
         B, L, D = x_BLD.shape
-        S = enc_BSE.shape[1]
         q = self.q(x_BLD).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(enc_BSE).view(B, S, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(q, kv[0], kv[1], enc_mask_BS, impl=self.impl, dropout_p=self.attn_drop if self.training else 0.0)
+        k, v = split_heads(self.kv(enc_BSE), 2, self.num_heads)
+        out = attention(q, k, v, enc_mask_BS, impl=self.impl, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
@@ -95,11 +93,23 @@ class BertSelfAttention(nn.Module):
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        self.kernel_impl = "torch"
+        """megavid.kernels implementation of the short-sequence attention ('torch': ``impl``)."""
 
     def forward(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
         B, L, D = x_BLD.shape
-        qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2], mask_BL, impl=self.impl, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = split_heads(self.qkv(x_BLD), 3, self.num_heads)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.kernel_impl != "torch" and dropout_p == 0.0:
+            from megavid.kernels import short_attention
+
+            # Texts are short (L <= 128): one tile per (sequence, head), q/k/v read through the
+            # strides of the qkv projection; the output memory is [B, L, H, Dh], so the
+            # transpose + reshape below is free. Longer texts run SDPA inside short_attention.
+            mask = None if mask_BL is None else mask_BL.bool()
+            out = short_attention(q, k, v, mask, impl=self.kernel_impl)
+        else:
+            out = attention(q, k, v, mask_BL, impl=self.impl, dropout_p=dropout_p)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
@@ -135,6 +145,13 @@ class BertLayer(nn.Module):
         self.fc2 = nn.Linear(intermediate, hidden)
         self.mlp_norm = build_layer_norm(hidden, eps)
         self.dropout = nn.Dropout(dropout)
+        self.kernel_impl = "torch"
+        """megavid.kernels implementation ('torch': off); with fused LayerNorms
+        (``apply_fused_kernels``) each residual add is fused into the post-norm that follows."""
+        self.checkpoint_mode: str | None = None
+        """Activation checkpointing of this layer in training (set by the tower's
+        ``set_grad_checkpointing``): None (off), 'full' (the whole layer), 'attention' (self- and
+        cross-attention), 'mlp' (fc1, GELU, fc2)."""
 
     def forward(
         self,
@@ -143,11 +160,34 @@ class BertLayer(nn.Module):
         enc_BSE: torch.Tensor | None = None,
         enc_mask_BS: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.attn_norm(x_BLD + self.dropout(self.attn(x_BLD, mask_BL)))
+        return checkpoint_part(self, "full", self._forward, x_BLD, mask_BL, enc_BSE, enc_mask_BS)
+
+    def _add_norm(self, norm: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``norm(residual + h)``: one fused kernel when ``norm`` is megavid.kernels' LayerNorm."""
+        if self.kernel_impl != "torch":
+            from megavid.kernels import FusedLayerNorm
+
+            if isinstance(norm, FusedLayerNorm):
+                return norm(h, residual)[0]
+        return norm(residual + h)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    def _forward(
+        self,
+        x_BLD: torch.Tensor,
+        mask_BL: torch.Tensor | None,
+        enc_BSE: torch.Tensor | None,
+        enc_mask_BS: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = checkpoint_part(self, "attention", self.attn, x_BLD, mask_BL)
+        x = self._add_norm(self.attn_norm, self.dropout(h), x_BLD)
         if self.has_cross:
-            x = self.cross_norm(x + self.dropout(self.cross_attn(x, enc_BSE, enc_mask_BS)))
-        h = self.fc2(self.act(self.fc1(x)))
-        return self.mlp_norm(x + self.dropout(h))
+            h = checkpoint_part(self, "attention", self.cross_attn, x, enc_BSE, enc_mask_BS)
+            x = self._add_norm(self.cross_norm, self.dropout(h), x)
+        h = checkpoint_part(self, "mlp", self._mlp, x)
+        return self._add_norm(self.mlp_norm, self.dropout(h), x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,25 +248,26 @@ class BertTextFusion(nn.Module):
             for i in range(num_layers)
         )
         self.grad_checkpointing = 0
+        self.grad_checkpointing_mode = "full"
         init_weights(self)
 
-    def set_grad_checkpointing(self, every_n: int = 1) -> None:
-        """Recompute every ``every_n``-th layer in backward (0: off); non-reentrant.
+    def set_grad_checkpointing(self, every_n: int = 1, mode: str = "full") -> None:
+        """Recompute (part of) every ``every_n``-th layer in backward (0: off); non-reentrant.
 
         Args:
             every_n: layers i with ``i % every_n == 0`` are checkpointed (1: all layers).
+            mode: what those layers recompute: "full" (the whole layer), "attention" (self-
+                and cross-attention) or "mlp" (the feed-forward).
         """
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"unknown checkpointing mode {mode!r}; valid: {', '.join(CHECKPOINT_MODES)}")
         self.grad_checkpointing = int(every_n)
+        self.grad_checkpointing_mode = mode
+        for i, layer in enumerate(self.layers):
+            layer.checkpoint_mode = mode if every_n > 0 and i % every_n == 0 else None
 
     def no_weight_decay(self) -> set[str]:
         return {"embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"}
-
-    def _run(self, i: int, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        layer = self.layers[i]
-        n = self.grad_checkpointing
-        if n > 0 and self.training and torch.is_grad_enabled() and i % n == 0:
-            return checkpoint(layer, x, *args, use_reentrant=False)
-        return layer(x, *args)
 
     def forward_text(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None,
@@ -240,8 +281,8 @@ class BertTextFusion(nn.Module):
             token_type_ids_BL: segment ids (None: all 0).
         """
         x = self.embeddings(input_ids_BL, token_type_ids_BL)
-        for i in range(self.num_text_layers):
-            x = self._run(i, x, attention_mask_BL)
+        for layer in self.layers[: self.num_text_layers]:
+            x = layer(x, attention_mask_BL)
         return x
 
     def forward_fusion(
@@ -260,8 +301,8 @@ class BertTextFusion(nn.Module):
             video_mask_BS: video padding mask (None: all tokens real).
         """
         x = hidden_BLH
-        for i in range(self.num_text_layers, len(self.layers)):
-            x = self._run(i, x, attention_mask_BL, video_BSE, video_mask_BS)
+        for layer in self.layers[self.num_text_layers:]:
+            x = layer(x, attention_mask_BL, video_BSE, video_mask_BS)
         return x
 
     def forward(

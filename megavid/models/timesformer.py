@@ -13,6 +13,8 @@ is patch ``n`` of frame ``t``. Attention modes:
 - ``divided_space_time``: per block, temporal attention over the T frames of each patch (cls
   excluded) followed by ``temporal_fc``, then spatial attention over the N patches of each
   frame together with a per-frame copy of the cls token; the T cls outputs are averaged.
+  Between blocks the tower keeps the cls token and the patch tokens as two tensors (the
+  "split" layout, ``Tokens``), so no block slices the token tensor or concatenates it back.
 - ``space_only``: a per-frame ViT; the cls token is averaged over frames at the end.
 - ``joint_space_time``: full attention over all 1 + N*T tokens.
 """
@@ -25,11 +27,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from megavid.models.attention import SelfAttention, build_layer_norm
+from megavid.models.attention import CHECKPOINT_MODES, SelfAttention, build_layer_norm, checkpoint_part
 
 ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time")
+Tokens = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""A block's token input: packed [B, 1 + N*T, D], or the split (cls, patches) layout."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,12 +45,16 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Drop ``x``'s rows per sample; tensors in ``more`` (same leading batch size, e.g. the
+        cls and patch parts of one token sequence) get the same per-sample mask."""
         if self.p == 0.0 or not self.training:
-            return x
+            return (x, *more) if more else x
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        if not more:
+            return x * mask / keep
+        return tuple(t * mask.view((t.shape[0],) + (1,) * (t.ndim - 1)) / keep for t in (x, *more))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -135,51 +142,95 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.kernel_impl = "torch"
         """megavid.kernels implementation of the fused divided block ('torch': unfused path)."""
+        self.checkpoint_mode: str | None = None
+        """Activation checkpointing of this block in training (set by the tower's
+        ``set_grad_checkpointing``): None (off), 'full' (the whole block), 'attention' (each
+        attention branch: norm, qkv, attention, projection), 'mlp' (norm2 and the MLP)."""
 
-    def forward(self, x_BLD: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: Tokens, num_frames: int) -> Tokens:
         """Args:
-        x_BLD: [B, 1 + N*T, D] (divided, joint) or [B*T, 1 + N, D] (space_only).
+        x: [B, 1 + N*T, D] (divided, joint) or [B*T, 1 + N, D] (space_only); divided blocks
+            also take the split layout ``(cls [B, 1, D], patches [B, N*T, D])``, in which the
+            tower runs them (no cls slicing or re-concatenation per block).
         num_frames: T.
-        """
-        if self.attention_type != "divided_space_time":
-            x = x_BLD + self.drop_path(self.attn(self.norm1(x_BLD)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
 
+        Returns:
+            the block's output in the layout of ``x``.
+        """
+        return checkpoint_part(self, "full", self._forward, x, num_frames)
+
+    def _forward(self, x: Tokens, T: int) -> Tokens:
+        if self.attention_type != "divided_space_time":
+            x = x + self.drop_path(checkpoint_part(self, "attention", self._attention, x))
+            return x + checkpoint_part(self, "mlp", self._mlp, x)
         if self.kernel_impl != "torch":
+            if self.checkpoint_mode in ("attention", "mlp"):
+                raise ValueError(f"grad checkpointing mode {self.checkpoint_mode!r} needs the unfused "
+                                 "divided block (kernel_impl='torch'); the fused block is one function")
             from megavid.kernels import divided_block_forward
 
+            packed = x if isinstance(x, torch.Tensor) else torch.cat(x, dim=1)
             # The same block with fused kernels and no token-tensor copies (same parameters).
-            return divided_block_forward(
-                x_BLD, num_frames, self.attn.num_heads,
+            out = divided_block_forward(
+                packed, T, self.attn.num_heads,
                 temporal_norm=self.temporal_norm1, temporal_qkv=self.temporal_attn.qkv,
                 temporal_proj=self.temporal_attn.proj, temporal_fc=self.temporal_fc,
                 norm1=self.norm1, qkv=self.attn.qkv, proj=self.attn.proj, norm2=self.norm2,
                 fc1=self.mlp.fc1, fc2=self.mlp.fc2, drop_path=self.drop_path, impl=self.kernel_impl,
             )
-        B, L, D = x_BLD.shape
-        T = num_frames
-        N = (L - 1) // T
-        cls_B1D, xt_BMD = x_BLD[:, :1], x_BLD[:, 1:]  # M = N*T, patch-major
+            return out if isinstance(x, torch.Tensor) else (out[:, :1], out[:, 1:])
+        if isinstance(x, torch.Tensor):
+            cls_B1D, xt_BMD = self._divided(*x.split((1, x.shape[1] - 1), dim=1), T)
+            return torch.cat((cls_B1D, xt_BMD), dim=1)
+        return self._divided(*x, T)
 
-        # Temporal attention: each patch attends over its T frames (the cls token does not take
-        # part, as in the reference); patch-major layout makes this a free reshape.
-        h = self.temporal_attn(self.temporal_norm1(xt_BMD.reshape(B * N, T, D)))
-        h = self.drop_path(h).reshape(B, N * T, D)
-        xt_BMD = xt_BMD + self.temporal_fc(h)
+    # -- branches (the units of selective activation checkpointing) --------------------------
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm1(x))
 
-        # Spatial attention: each frame's N patches plus that frame's copy of the cls token.
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(self.mlp(self.norm2(x)))
+
+    def _mlp_split(self, cls_B1D: torch.Tensor, xt_BMD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one drop-path mask per sample for its cls and patch rows, as on the packed sequence
+        return self.drop_path(self.mlp(self.norm2(cls_B1D)), self.mlp(self.norm2(xt_BMD)))
+
+    def _temporal(self, xt_BMD: torch.Tensor, T: int) -> torch.Tensor:
+        """Temporal attention: each patch attends over its T frames (the cls token does not
+        take part, as in the reference); patch-major layout makes this a free reshape."""
+        B, M, D = xt_BMD.shape
+        h = self.temporal_attn(self.temporal_norm1(xt_BMD.reshape(B * (M // T), T, D)))
+        return self.temporal_fc(self.drop_path(h).reshape(B, M, D))
+
+    def _spatial(self, cls_B1D: torch.Tensor, xt_BMD: torch.Tensor, T: int) -> torch.Tensor:
+        """Spatial attention: each frame's N patches plus that frame's copy of the cls token;
+        returns [B, T, 1 + N, D] (frame-major)."""
+        B, M, D = xt_BMD.shape
+        N = M // T
         # One strided cat builds the frame-major [B, T, 1+N, D] layout (no separate permute copy).
         s = torch.cat(
             (cls_B1D[:, None].expand(B, T, 1, D), xt_BMD.view(B, N, T, D).transpose(1, 2)), dim=2
         ).view(B * T, N + 1, D)
-        s = self.drop_path(self.attn(self.norm1(s))).view(B, T, N + 1, D)
+        return self.drop_path(self.attn(self.norm1(s))).view(B, T, N + 1, D)
+
+    def _divided(self, cls_B1D: torch.Tensor, xt_BMD: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unfused divided space-time block on the split layout: cls [B, 1, D] and the
+        patch tokens [B, N*T, D] (patch-major) stay separate tensors, so neither the temporal
+        reshape nor the residual updates copy the token tensor (and backward has no slice
+        gradients to zero-fill and scatter)."""
+        B, M, D = xt_BMD.shape
+        N = M // T
+        xt_BMD = xt_BMD + checkpoint_part(self, "attention", self._temporal, xt_BMD, T)
+        s = checkpoint_part(self, "attention", self._spatial, cls_B1D, xt_BMD, T)
         # The T per-frame cls outputs are averaged back into one cls residual; the patch
         # residual is added through a strided (t n -> n t) view instead of a permuted copy.
-        cls_res = s[:, :, 0].mean(dim=1, keepdim=True)
-        s_res = s[:, :, 1:].transpose(1, 2)  # [B, N, T, D] view
-        patches = (xt_BMD.view(B, N, T, D) + s_res).reshape(B, N * T, D)
-        x = torch.cat((cls_B1D + cls_res, patches), dim=1)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # split, not s[:, :, 0] and s[:, :, 1:]: its backward concatenates the two gradients,
+        # where indexing and slicing each zero-fill a gradient the size of s and sum them.
+        s_cls, s_patches = s.split((1, N), dim=2)
+        cls_B1D = cls_B1D + s_cls.mean(dim=1)
+        xt_BMD = (xt_BMD.view(B, N, T, D) + s_patches.transpose(1, 2)).reshape(B, M, D)
+        h_cls, h = checkpoint_part(self, "mlp", self._mlp_split, cls_B1D, xt_BMD)
+        return cls_B1D + h_cls, xt_BMD + h
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,26 +301,27 @@ class TimeSformer(nn.Module):
         )
         self.norm = build_layer_norm(embed_dim, layer_norm_eps)
         self.grad_checkpointing = 0
+        self.grad_checkpointing_mode = "full"
         init_weights(self)
 
     # -- API shared with the BERT tower ---------------------------------------------------------
-    def set_grad_checkpointing(self, every_n: int = 1) -> None:
-        """Recompute every ``every_n``-th block in backward (0: off); non-reentrant.
+    def set_grad_checkpointing(self, every_n: int = 1, mode: str = "full") -> None:
+        """Recompute (part of) every ``every_n``-th block in backward (0: off); non-reentrant.
 
         Args:
             every_n: blocks i with ``i % every_n == 0`` are checkpointed (1: all blocks).
+            mode: what those blocks recompute: "full" (the whole block), "attention" (the
+                attention branches) or "mlp" (the MLP); see ``CHECKPOINT_MODES``.
         """
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"unknown checkpointing mode {mode!r}; valid: {', '.join(CHECKPOINT_MODES)}")
         self.grad_checkpointing = int(every_n)
+        self.grad_checkpointing_mode = mode
+        for i, blk in enumerate(self.blocks):
+            blk.checkpoint_mode = mode if every_n > 0 and i % every_n == 0 else None
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed", "time_embed"}
-
-    def _run_block(self, i: int, blk: Block, x: torch.Tensor, T: int) -> torch.Tensor:
-        n = self.grad_checkpointing
-        if n > 0 and self.training and torch.is_grad_enabled() and i % n == 0:
-            # Non-reentrant: correct gradients even when no input requires grad (frozen stem).
-            return checkpoint(blk, x, T, use_reentrant=False)
-        return blk(x, T)
 
     def forward_features(self, x_BTCHW: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: [B, 1 + N*T, D], cls first, patch-major."""
@@ -285,8 +337,8 @@ class TimeSformer(nn.Module):
         x = x + pos[:, 1:]
         if self.attention_type == "space_only":
             x = torch.cat((cls, x), dim=1)  # per-frame ViT
-            for i, blk in enumerate(self.blocks):
-                x = self._run_block(i, blk, x, T)
+            for blk in self.blocks:
+                x = blk(x, T)
             x = self.norm(x).reshape(B, T, N + 1, D)
             cls_out = x[:, :, 0].mean(dim=1, keepdim=True)
             return torch.cat((cls_out, x[:, :, 1:].transpose(1, 2).reshape(B, N * T, D)), dim=1)
@@ -300,10 +352,20 @@ class TimeSformer(nn.Module):
             # parameter is never replaced; the cost is one [1, T, D] interpolation per call.
             time = resize_time_embed(time, T)
         # [B*T, N, D] -> [B, N, T, D] (+ time embed per frame) -> patch-major [B, N*T, D]
-        x = x.reshape(B, T, N, D).transpose(1, 2) + time[:, None]
-        x = torch.cat((cls[:B], x.reshape(B, N * T, D)), dim=1)
-        for i, blk in enumerate(self.blocks):
-            x = self._run_block(i, blk, x, T)
+        patches = (x.reshape(B, T, N, D).transpose(1, 2) + time[:, None]).reshape(B, N * T, D)
+        # a real [B, 1, D] tensor, not a stride-0 view: the blocks see the same strides at
+        # every depth (a compiled block would otherwise compile a second graph for block 0)
+        cls = cls[:B].contiguous()
+        if self.attention_type == "divided_space_time" and all(b.kernel_impl == "torch" for b in self.blocks):
+            # Unfused divided blocks run on the split (cls, patches) layout: one concatenation
+            # per forward instead of a slice + cat (and their backward copies) per block.
+            x_split: Tokens = (cls, patches)
+            for blk in self.blocks:
+                x_split = blk(x_split, T)
+            return self.norm(torch.cat(x_split, dim=1))
+        x = torch.cat((cls, patches), dim=1)
+        for blk in self.blocks:
+            x = blk(x, T)
         return self.norm(x)
 
     def forward(self, x_BTCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

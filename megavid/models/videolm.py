@@ -376,10 +376,12 @@ class VideoLM(nn.Module):
         return F.cross_entropy(logits.float(), labels[sel])
 
     # -- engine hooks ---------------------------------------------------------------------------
-    def set_grad_checkpointing(self, every_n: int = 1) -> None:
-        """Non-reentrant activation checkpointing of every ``every_n``-th block in both towers (0: off)."""
-        self.video_encoder.set_grad_checkpointing(every_n)
-        self.text_encoder.set_grad_checkpointing(every_n)
+    def set_grad_checkpointing(self, every_n: int = 1, mode: str = "full") -> None:
+        """Non-reentrant activation checkpointing of every ``every_n``-th block in both towers
+        (0: off); ``mode`` picks what those blocks recompute ("full", "attention", "mlp").
+        The momentum towers run without grad and are never checkpointed."""
+        self.video_encoder.set_grad_checkpointing(every_n, mode=mode)
+        self.text_encoder.set_grad_checkpointing(every_n, mode=mode)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay: biases, norms, embeddings, temperature."""

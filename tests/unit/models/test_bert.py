@@ -139,3 +139,90 @@ def test_missing_file_is_a_checkpoint_error(tmp_path) -> None:
         load_bert_into(ours, tmp_path / "nope.safetensors")
     with pytest.raises(CheckpointError, match="no weights in folder"):
         load_bert_into(ours, tmp_path)
+
+
+def _bert_pair(kernel_impl: str):
+    """HF BertModel (3 layers, random weights) and ours with the same weights and one fusion
+    layer on top, switched to ``kernel_impl`` (megavid.models.apply_kernels)."""
+    from megavid.models import apply_kernels
+
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    hf = transformers.BertModel(cfg, add_pooling_layer=False)
+    ours = BertTextFusion(vocab_size=120, hidden_size=64, num_layers=4, fusion_layers=1, num_heads=4,
+                          intermediate_size=128, max_position_embeddings=32, encoder_width=48)
+    ours.load_state_dict(checkpoint_filter_fn(hf.state_dict()), strict=False)
+    counts = apply_kernels(ours, kernel_impl)
+    assert counts["bert_attention"] == 4 and counts["bert_layer"] == 4
+    assert counts["layer_norm"] == 1 + 3 * 2 + 3  # embeddings, 2 per text layer, 3 in the fusion layer
+    return hf, ours
+
+
+def test_fused_text_path_matches_transformers_training_gradients() -> None:
+    """model.kernel_impl on the BERT side (short_attention for self-attention, each residual add
+    fused into the post-norm): forward and gradients in training mode equal transformers'
+    BertModel (fp32). On CPU "auto" runs the kernels' torch implementations; the Triton kernels
+    are checked against the same path by test_fused_text_path_triton_interpreter."""
+    pytest.importorskip("megavid.kernels")
+    hf, ours = _bert_pair("auto")
+    hf.train()
+    ours.train()
+    ids = torch.randint(1, 120, (3, 12))  # no id 0: HF's pad row (padding_idx=0) never gets a gradient
+    mask = _padded_mask(3, 12)
+    w = torch.randn(3, 12, 64) * mask[..., None]
+    ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    (ref * w).sum().backward()
+    out = ours.forward_text(ids, mask)
+    (out * w).sum().backward()
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
+    ref_grads = checkpoint_filter_fn({n: p.grad for n, p in hf.named_parameters()})
+    for n, p in ours.named_parameters():
+        if n.startswith("layers.3."):
+            continue  # the fusion layer has no HF counterpart (and no gradient here)
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+_TRITON_SCRIPT = r"""
+import torch
+from megavid.kernels import _triton
+assert _triton.INTERPRETED
+from megavid.models import apply_kernels
+from megavid.models.bert import BertTextFusion
+torch.manual_seed(0)
+ref = BertTextFusion(vocab_size=60, hidden_size=32, num_layers=2, fusion_layers=1, num_heads=2,
+                     intermediate_size=64, max_position_embeddings=16, encoder_width=24).train()
+fused = BertTextFusion(vocab_size=60, hidden_size=32, num_layers=2, fusion_layers=1, num_heads=2,
+                       intermediate_size=64, max_position_embeddings=16, encoder_width=24).train()
+fused.load_state_dict(ref.state_dict())
+apply_kernels(fused, "triton")
+ids = torch.randint(0, 60, (2, 9))
+mask = torch.ones(2, 9, dtype=torch.long)
+mask[1, 5:] = 0
+video = torch.randn(2, 7, 24)
+outs = []
+for m in (ref, fused):
+    out = m(ids, mask, video)
+    (out * mask[..., None]).square().sum().backward()
+    outs.append(out.detach())
+torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
+    torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_fused_text_path_triton_interpreter() -> None:
+    """The BERT side with model.kernel_impl=triton (Triton short_attention and residual-fused
+    LayerNorm kernels, run by Triton's interpreter on CPU) equals the unfused layers, forward
+    and gradients. A fresh process: Triton fixes its mode when it is first imported."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "OK" in p.stdout, (p.stdout + p.stderr)[-3000:]
