@@ -146,6 +146,17 @@ class ModelConfig:
     'torch' (off), 'triton', 'apex' (LayerNorm only), 'auto' (Triton on CUDA, else torch)."""
     grad_checkpointing: int = 0
     """Activation checkpointing every N blocks in both towers (0: off)."""
+    grad_checkpointing_mode: Literal["full", "attention", "mlp"] = "full"
+    """What the blocks chosen by ``grad_checkpointing`` recompute in backward: 'full' (the whole
+    block), 'attention' (only the attention branches: norm, qkv, attention, output projection;
+    the MLP's activations stay saved) or 'mlp' (only norm + MLP). Selective modes save memory
+    between none and full for less recompute; they need grad_checkpointing > 0, and
+    kernel_impl=torch for divided space-time blocks (the fused block is one function)."""
+    compile: Literal["none", "blocks", "full"] = "none"
+    """torch.compile, applied by the engine before DeepSpeed wraps the model: 'none';
+    'blocks' (regional: each TimeSformer block and BERT layer, compiled once per block class
+    and input shape and shared by all blocks of that shape); 'full' (the whole model's forward,
+    with graph breaks where it must). Needs train.zero_stage <= 2."""
     vtc_weight: float = 1.0
     vtm_weight: float = 0.0
     mlm_weight: float = 0.0

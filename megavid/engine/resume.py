@@ -78,8 +78,8 @@ max_eval_samples, grad_clip                        (grad_clip: the DeepSpeed con
                                                    from this config)
 train.best_metric, best_mode                       the best so far was chosen by another rule:
                                                    best tracking restarts
-model.attn_impl, kernel_impl, grad_checkpointing   same parameters and math (another kernel,
-                                                   activation recomputation)
+model.attn_impl, kernel_impl, grad_checkpointing,  same parameters and math (another kernel,
+grad_checkpointing_mode, compile                   activation recomputation, compiled code)
 model.mlm_probability, distill_alpha, qa_weight    objective scalars read when the model is built
 data.root, train, val, test, image_train,          data paths (the loader refuses a changed number
 quarantine                                         of samples) and where bad samples are kept
@@ -195,6 +195,8 @@ MAY_CHANGE: dict[str, str] = {
     "model.attn_impl": "same parameters and math",
     "model.kernel_impl": "same parameters and math",
     "model.grad_checkpointing": "same parameters and math",
+    "model.grad_checkpointing_mode": "same parameters and math (what backward recomputes)",
+    "model.compile": "same parameters and math (compiled code; ZeRO-3 refused either way)",
     "model.mlm_probability": "read when the model is built",
     "model.distill_alpha": "read when the model is built",
     "model.qa_weight": "read when the model is built",

@@ -34,6 +34,7 @@ from megavid.engine.deepspeed_setup import build_engine, get_dtype, resolve_prec
 from megavid.engine.logging import (MetricsLogger, check_writable_dirs, format_run_summary, get_env_info,
                                     save_run_files, setup_rank_logging)
 from megavid.engine.optim import get_model_order, get_param_order
+from megavid.engine.parallelize import apply_model_options
 from megavid.engine.throughput import ThroughputMeter, get_device_name, get_peak_tflops
 from megavid.errors import CheckpointError, ConfigError, MegavidError, Preempted, describe_exception
 
@@ -321,8 +322,8 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.task.setup(device, dtype, rank, world_size, dist.all_gather_with_grad)
         model = self.task.build_model()
-        if cfg.model.grad_checkpointing > 0 and hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        # activation checkpointing and torch.compile, before DeepSpeed wraps the model
+        apply_model_options(model, cfg.model, zero_stage=t.zero_stage)
         self.loader = self.task.build_train_loader(rank, world_size)
         steps_per_epoch, total_steps = self._plan_steps(world_size)
         self.steps_per_epoch = steps_per_epoch  # for optim.warmup_epochs

@@ -61,7 +61,8 @@ def test_every_config_key_is_classified_exactly_once():
                 "data.max_text_len", "task.name", "model.num_answers"):
         assert resume.classify(key) == "fixed", key
     for key in ("optim.lr", "optim.schedule", "optim.weight_decay", "train.max_steps", "train.ckpt_every",
-                "data.num_workers", "model.grad_checkpointing", "model.attn_impl", "model.kernel_impl"):
+                "data.num_workers", "model.grad_checkpointing", "model.attn_impl", "model.kernel_impl",
+                "model.grad_checkpointing_mode", "model.compile"):
         assert resume.classify(key) == "may_change", key
     assert resume.classify("model.some_future_key") == "fixed"  # unclassified: refused (safe)
 
