@@ -1,19 +1,32 @@
-"""Pretraining step (VTC + VTM + MLM) of megavid's TimeSformer + BERT, unfused and fused,
-against transformers' TimesformerModel + BertLayer towers, measured side by side in one run.
+"""Pretraining step (VTC + VTM + MLM): megavid's TimeSformer + BERT against transformers' towers.
 
-Three implementations run the same pretraining step (same heads, losses, hard-negative VTM
-and MLM masking: megavid.models.videolm.VideoLM's, with only the towers swapped):
+megavid bare, unfused, fused and compiled, and transformers' TimesformerModel + BertLayer
+towers, measured side by side in one run.
+
+The implementations run the same pretraining step (same heads, losses, hard-negative VTM and
+MLM masking: megavid.models.videolm.VideoLM's, with only the towers swapped):
 
 - ``transformers``: ``transformers.TimesformerModel`` + BERT built from transformers'
   ``BertEmbeddings``/``BertLayer`` (text layers, then fusion layers with cross-attention to
   the video tokens), autocast bf16 on CUDA (fp32 on CPU), plain ``torch.optim.AdamW``.
-- ``torch``: megavid's model, ``model.kernel_impl=torch`` (SDPA, torch LayerNorm/GELU),
-  through megavid's engine ``build_engine`` (DeepSpeed ZeRO-2, pure bf16 weights on CUDA).
-- ``triton``: the same with ``model.kernel_impl=triton`` (fused kernels). Without CUDA the
-  kernels fall back to their torch references; the output says which backend really ran.
 - ``bare``: megavid's model (``kernel_impl=torch``) in a plain loop, no DeepSpeed: pure bf16
   weights on CUDA (fp32 on CPU), torch's fused AdamW. ``torch`` vs ``bare`` is what the engine
-  costs; ``bare`` vs ``transformers`` is what the towers cost. (Not in the default ``--impls``.)
+  costs; ``bare`` vs ``transformers`` is what the towers cost.
+- ``torch``: megavid's model, ``model.kernel_impl=torch`` (SDPA, torch LayerNorm/GELU),
+  through megavid's engine (``apply_model_options`` then ``build_engine``: DeepSpeed ZeRO-2,
+  pure bf16 weights on CUDA).
+- ``triton``: the same with ``model.kernel_impl=triton`` (fused kernels). Without CUDA the
+  kernels fall back to their torch references; the output says which backend really ran.
+- ``compiled``: the engine with ``model.compile=blocks`` (torch.compile of each TimeSformer
+  block and BERT layer, one graph per block shape), ``kernel_impl=torch``.
+- ``compiled_fused``: ``model.compile=blocks`` with ``kernel_impl=triton`` (compiled blocks
+  around the Triton kernels), to see which of the two is faster.
+- ``compiled_full``: ``model.compile=full`` (not in the default ``--impls``).
+
+Activation checkpointing rows (``--frames-ac``, default 32 and 96 frames; ``--ac-rows``
+``impl:mode`` pairs, mode = ``model.grad_checkpointing_mode``: ``full`` or ``attention``)
+checkpoint every block and report peak memory beside speed; transformers' towers only have
+``full``.
 
 ``--profile K`` adds, per measurement, torch.profiler's top K ops by self device time (CPU
 time without CUDA) over two more steps, to the printout and the markdown.
@@ -21,14 +34,14 @@ time without CUDA) over two more steps, to the printout and the markdown.
 Every measurement runs in its own subprocess (a CUDA OOM or a DeepSpeed engine leaves no
 state behind), with a batch list (``--batch 64,48,32``: the largest that fits wins) or an
 automatic halving search from ``--max-batch`` on OOM. FLOPs are the model's analytic
-``flops_per_sample`` (fwd+bwd; the same work for all three), MFU uses the peak from
-``megavid.engine.throughput``. Extra rows: more frames with activation checkpointing (every
-block), for peak memory. The markdown result goes to ``bench/results/`` named by hardware,
-size and precision.
+``flops_per_sample`` (fwd+bwd; the same work for every row, recomputation not counted), MFU
+uses the peak from ``megavid.engine.throughput``. The markdown result goes to
+``bench/results/`` named by hardware, size and precision, with an acceptance summary (best
+engine row's MFU and clips/s against transformers, engine rows against the bare loop).
 
     .venv/bin/python bench/model_step.py                      # CUDA: base 8x224^2, bf16; CPU: tiny, fp32
     .venv/bin/python bench/model_step.py --size tiny --steps 3 --warmup 1   # short CPU run
-    .venv/bin/python bench/model_step.py --batch 96,64,48,32 --frames-ac 32,96
+    .venv/bin/python bench/model_step.py --batch 96,64,48,32 --frames-ac 32,96 --ac-batch 16,8,4
 """
 
 from __future__ import annotations
@@ -57,10 +70,23 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 IMPL_LABELS = {
     "transformers": "transformers TimesformerModel + BertLayer towers, {amp}, torch AdamW",
+    "bare": "megavid unfused (kernel_impl=torch), plain loop, {prec}, torch AdamW",
     "torch": "megavid unfused (kernel_impl=torch), DeepSpeed ZeRO-2 {prec}",
     "triton": "megavid fused (kernel_impl=triton), DeepSpeed ZeRO-2 {prec}",
-    "bare": "megavid unfused (kernel_impl=torch), plain loop, {prec}, torch AdamW",
+    "compiled": "megavid compiled blocks (model.compile=blocks, kernel_impl=torch), DeepSpeed ZeRO-2 {prec}",
+    "compiled_fused": "megavid compiled blocks + Triton kernels (compile=blocks, kernel_impl=triton), DeepSpeed ZeRO-2 {prec}",
+    "compiled_full": "megavid compiled whole model (model.compile=full, kernel_impl=torch), DeepSpeed ZeRO-2 {prec}",
 }
+# megavid's engine rows: impl -> (model.kernel_impl, model.compile)
+ENGINE_IMPLS = {
+    "torch": ("torch", "none"),
+    "triton": ("triton", "none"),
+    "compiled": ("torch", "blocks"),
+    "compiled_fused": ("triton", "blocks"),
+    "compiled_full": ("torch", "full"),
+}
+DEFAULT_IMPLS = "transformers,bare,torch,triton,compiled,compiled_fused"
+DEFAULT_AC_ROWS = "transformers:full,torch:full,torch:attention,compiled:full,compiled:attention"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,7 +111,9 @@ class HFVideoTower(nn.Module):
         tokens = self.model(pixel_values=clip_BTCHW).last_hidden_state
         return tokens, tokens[:, 0]
 
-    def set_grad_checkpointing(self, every_n: int = 1) -> None:
+    def set_grad_checkpointing(self, every_n: int = 1, mode: str = "full") -> None:
+        if mode != "full":
+            raise ValueError("transformers' TimesformerModel only checkpoints whole layers")
         if every_n:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -125,7 +153,9 @@ class HFTextTower(nn.Module):
             layer.attention.self.is_causal = False
         self.every_n = 0
 
-    def set_grad_checkpointing(self, every_n: int = 1) -> None:
+    def set_grad_checkpointing(self, every_n: int = 1, mode: str = "full") -> None:
+        if mode != "full":
+            raise ValueError("transformers' BertLayer stack here only checkpoints whole layers")
         self.every_n = every_n
 
     def _run(self, layers: range, h: torch.Tensor, mask_B11L: torch.Tensor, video: torch.Tensor | None) -> torch.Tensor:
@@ -185,10 +215,12 @@ def load_hf_into_ours(hf: nn.Module, ours: nn.Module) -> None:
 def build_cfg(a: dict, out_dir: str):
     from megavid.config import compose
 
+    kernel_impl, compile_mode = ENGINE_IMPLS.get(a["impl"], ("torch", "none"))
     return compose([
         f"model=timesformer_{a['size']}", "model.vtc_weight=1", "model.vtm_weight=1", "model.mlm_weight=1",
-        f"model.kernel_impl={'torch' if a['impl'] in ('transformers', 'bare') else a['impl']}",
+        f"model.kernel_impl={kernel_impl}", f"model.compile={compile_mode}",
         f"model.video.num_frames={a['frames']}", f"model.grad_checkpointing={a['ac']}",
+        f"model.grad_checkpointing_mode={a.get('ac_mode', 'full')}",
         f"data.batch_size={a['batch']}", f"data.max_text_len={a['text_len']}",
         "train.zero_stage=2", f"train.precision={a['precision']}",
         f"run.output_dir={out_dir}", "optim.warmup_steps=0",
@@ -225,6 +257,7 @@ def worker(a: dict) -> dict:
     """Build, warm up and time one configuration; returns the measurement (or {"oom": True})."""
     from megavid.engine.deepspeed_setup import build_engine
     from megavid.engine.dist import init_distributed
+    from megavid.engine.parallelize import apply_model_options
     from megavid.kernels import get_impl
     from megavid.models import build_model
 
@@ -252,6 +285,7 @@ def worker(a: dict) -> dict:
             elif a["impl"] == "bare":
                 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a["precision"], torch.float32)
                 model = build_model(mc).to(device, dtype).train()
+                apply_model_options(model, mc, zero_stage=0)  # activation checkpointing, if asked
                 res["flops_per_sample"] = model.flops_per_sample(a["text_len"])
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
                 batch = make_batch(a, mc, device, dtype)
@@ -260,8 +294,10 @@ def worker(a: dict) -> dict:
                 res["backend"] = "torch, no engine"
             else:
                 init_distributed(device_type=device.type)
-                model = build_model(mc)  # applies kernel_impl and grad_checkpointing
+                model = build_model(mc)  # applies kernel_impl
                 res["flops_per_sample"] = model.flops_per_sample(a["text_len"])
+                # what the Trainer does before DeepSpeed: activation checkpointing, torch.compile
+                apply_model_options(model, mc, zero_stage=cfg.train.zero_stage)
                 engine, _, _, _ = build_engine(model, cfg, world_size=1, total_steps=a["warmup"] + a["steps"] + 2,
                                                device_type=device.type)
                 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a["precision"], torch.float32)
@@ -270,6 +306,8 @@ def worker(a: dict) -> dict:
                 probe = torch.empty(1, device=device)
                 res["backend"] = ",".join(f"{op}={impl.backend(probe, op)}"
                                           for op in ("layer_norm", "bias_gelu", "short_attention"))
+                if mc.compile != "none":
+                    res["backend"] += f",compile={mc.compile}"
 
                 def step() -> float:
                     out = engine(*batch)
@@ -278,8 +316,13 @@ def worker(a: dict) -> dict:
                     return out["loss"].detach()
 
                 fwd_model = engine
-            for _ in range(a["warmup"]):
+            t0 = time.perf_counter()
+            for i in range(a["warmup"]):
                 step()
+                if i == 0:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    res["first_step_s"] = time.perf_counter() - t0  # includes torch.compile
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -294,17 +337,25 @@ def worker(a: dict) -> dict:
             res["times"] = times
             if a.get("profile"):
                 res["profile"] = profile_steps(step, cuda, a["profile"])
+            if a["impl"] in ENGINE_IMPLS and mc.compile != "none":
+                from torch._dynamo.utils import counters
+
+                res["graphs"] = counters["stats"]["unique_graphs"]
             if cuda:
                 res["peak_bytes"] = torch.cuda.max_memory_allocated()
             else:
                 # CPU: peak RSS of this process, and the bytes autograd saves for backward
-                # (what activation checkpointing trades for recompute).
+                # (what activation checkpointing trades for recompute). Parameters are left out:
+                # a compiled block saves its weights for its backward, an eager one reads them
+                # from the module, and either way they take no extra memory.
                 res["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                 saved = 0
+                params = {p.data_ptr() for p in fwd_model.parameters()}
 
                 def pack(x: torch.Tensor) -> torch.Tensor:
                     nonlocal saved
-                    saved += x.numel() * x.element_size()
+                    if x.data_ptr() not in params:
+                        saved += x.numel() * x.element_size()
                     return x
 
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
@@ -388,7 +439,7 @@ def search_batch(base: dict, batches: list[int] | None, max_batch: int, timeout:
     last: dict = {"args": base, "error": "no batch tried"}
     for b in candidates:
         a = {**base, "batch": b}
-        print(f"  {a['impl']:>12} frames={a['frames']} ac={a['ac']} B={b} ...", end=" ", flush=True)
+        print(f"  {a['impl']:>14} frames={a['frames']} ac={ac_text(a)} B={b} ...", end=" ", flush=True)
         r = run_worker(a, timeout)
         if "times" in r:
             print(f"{statistics.median(r['times']) * 1e3:.1f} ms/step", flush=True)
@@ -400,24 +451,85 @@ def search_batch(base: dict, batches: list[int] | None, max_batch: int, timeout:
     return last
 
 
+def ac_text(a: dict) -> str:
+    """The AC column: off, or the checkpointing mode of every block."""
+    return a.get("ac_mode", "full") if a["ac"] else "off"
+
+
+def measure(r: dict, peak_tflops: float | None) -> dict | None:
+    """ms/step, clips/s, TFLOP/s and MFU (None without a peak) of a measurement; None if it failed."""
+    if "times" not in r:
+        return None
+    med = statistics.median(r["times"])
+    clips = r["args"]["batch"] / med
+    tflops = r["flops_per_sample"] * clips / 1e12
+    return {"ms": med * 1e3, "clips": clips, "tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None}
+
+
 def fmt_row(label: str, r: dict, peak_tflops: float | None, ref_clips: float | None, cuda: bool) -> tuple[str, float | None]:
     a = r["args"]
-    if "times" not in r:
+    m = measure(r, peak_tflops)
+    if m is None:
         why = "OOM at every batch" if r.get("oom") else "error: " + r.get("error", "?").splitlines()[-1][:120]
-        return f"| {label} | {a['frames']} | {'on' if a['ac'] else 'off'} | - | - | - | - | - | {why} | - |", None
-    med = statistics.median(r["times"])
-    clips = a["batch"] / med
-    tflops = r["flops_per_sample"] * clips / 1e12
-    mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "n/a (CPU)"
-    mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" + ("" if cuda else f" RSS; {r['saved_bytes'] / 2**20:.0f} MiB saved acts")
-    ratio = f"{clips / ref_clips:.2f}x" if ref_clips else "-"
-    return (f"| {label} | {a['frames']} | {'on' if a['ac'] else 'off'} | {a['batch']} | {med * 1e3:.1f} | "
-            f"{clips:.2f} | {tflops:.3f} | {mfu} | {mem} | {ratio} |"), clips
+        return f"| {label} | {a['frames']} | {ac_text(a)} | - | - | - | - | - | {why} | - |", None
+    mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a (CPU)"
+    mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" + ("" if cuda else f" RSS; {r['saved_bytes'] / 2**20:.1f} MiB saved acts")
+    ratio = f"{m['clips'] / ref_clips:.2f}x" if ref_clips else "-"
+    return (f"| {label} | {a['frames']} | {ac_text(a)} | {a['batch']} | {m['ms']:.1f} | "
+            f"{m['clips']:.2f} | {m['tflops']:.3f} | {mfu} | {mem} | {ratio} |"), m["clips"]
+
+
+def acceptance_lines(results: list[tuple[str, dict]], peak: float | None) -> list[str]:
+    """The issue's acceptance, read off the rows without activation checkpointing: the best
+    engine row's MFU (target >= 35%) and clips/s against transformers (>= 1.25x), and each engine
+    row against the bare loop (within 5%)."""
+    m = {impl: measure(r, peak) for impl, r in results}
+    engine = {impl: v for impl, v in m.items() if impl in ENGINE_IMPLS and v is not None}
+    lines = ["", "## Acceptance summary (rows without activation checkpointing)", ""]
+    if not engine:
+        return lines + ["no engine row ran"]
+    best = max(engine, key=lambda i: engine[i]["clips"])
+    b = engine[best]
+    mfu = f"{100 * b['mfu']:.1f}% MFU (target >= 35%)" if b["mfu"] is not None else "MFU n/a (no peak for this device)"
+    lines.append(f"- best engine row: `{best}`, {b['clips']:.2f} clips/s, {mfu}")
+    if m.get("transformers"):
+        lines.append(f"- best engine row vs transformers: {b['clips'] / m['transformers']['clips']:.2f}x clips/s "
+                     "(target >= 1.25x)")
+    if m.get("bare"):
+        lines.append("- engine rows vs the bare loop (target: within 5%): " + ", ".join(
+            f"`{i}` {100 * (v['clips'] / m['bare']['clips'] - 1):+.1f}%" for i, v in engine.items()))
+    return lines
+
+
+def parse_ac_rows(spec: str) -> list[tuple[str, str]]:
+    """``impl:mode`` pairs of ``--ac-rows`` (mode: full or attention; transformers: full only)."""
+    rows = []
+    for item in [x for x in spec.split(",") if x]:
+        impl, _, mode = item.partition(":")
+        mode = mode or "full"
+        if impl not in IMPL_LABELS or mode not in ("full", "attention", "mlp"):
+            raise SystemExit(f"--ac-rows: {item!r} is not impl:mode with impl in {', '.join(IMPL_LABELS)} and mode "
+                             "full, attention or mlp")
+        if impl == "transformers" and mode != "full":
+            raise SystemExit("--ac-rows: transformers' towers only checkpoint whole layers (transformers:full)")
+        rows.append((impl, mode))
+    return rows
 
 
 def hardware_slug(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def versions() -> str:
+    """torch, CUDA, Triton and DeepSpeed versions, for the result's header."""
+    out = [f"torch {torch.__version__}", f"CUDA {torch.version.cuda or 'none'}"]
+    for mod in ("triton", "deepspeed", "transformers"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # noqa: BLE001 - optional, report what is there
+            pass
+    return ", ".join(out)
 
 
 def main() -> None:
@@ -430,7 +542,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="start of the halving search (default 128 / 8 on CPU)")
     ap.add_argument("--frames-ac", default="32,96", help="extra frame counts, run with activation checkpointing")
     ap.add_argument("--ac-batch", default="", help="batch list for the --frames-ac rows (default: halving)")
-    ap.add_argument("--impls", default="transformers,torch,triton")
+    ap.add_argument("--ac-rows", default=DEFAULT_AC_ROWS,
+                    help="impl:mode pairs run at each --frames-ac count (mode = model.grad_checkpointing_mode)")
+    ap.add_argument("--impls", default=DEFAULT_IMPLS, help=f"rows without checkpointing; any of {', '.join(IMPL_LABELS)}")
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA / 3 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 CUDA / 1 CPU)")
@@ -438,6 +552,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement subprocess")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="add torch.profiler's top K ops of each measurement (0: off)")
+    ap.add_argument("--note", default="", help="a line written under the title of the markdown (e.g. 'smoke run')")
     ap.add_argument("--out", default=None, help="markdown result (default bench/results/model_step_<hw>_<size>_<prec>.md)")
     args = ap.parse_args()
     if args.worker:
@@ -454,6 +569,10 @@ def main() -> None:
     batches = [int(b) for b in args.batch.split(",") if b]
     ac_batches = [int(b) for b in args.ac_batch.split(",") if b]
     impls = [i for i in args.impls.split(",") if i]
+    unknown = [i for i in impls if i not in IMPL_LABELS]
+    if unknown:
+        raise SystemExit(f"--impls: unknown {', '.join(unknown)}; valid: {', '.join(IMPL_LABELS)}")
+    ac_rows = parse_ac_rows(args.ac_rows)
     from megavid.config import compose
     from megavid.engine.throughput import get_peak_tflops
 
@@ -474,19 +593,22 @@ def main() -> None:
     ac_results: list[tuple[str, dict]] = []
     for frames in [int(f) for f in args.frames_ac.split(",") if f]:
         fmax = max(1, max_batch * base_frames // frames)
-        for impl in impls:
-            r = search_batch({**common, "impl": impl, "frames": frames, "ac": 1}, ac_batches, fmax, args.timeout)
+        for impl, mode in ac_rows:
+            r = search_batch({**common, "impl": impl, "frames": frames, "ac": 1, "ac_mode": mode}, ac_batches, fmax,
+                             args.timeout)
             ac_results.append((impl, r))
 
     prec_txt = "bf16 weights" if cuda else "fp32"
     amp_txt = "autocast bf16" if cuda else "fp32"
     lines = [f"# model_step: TimeSformer-{size} + BERT-{size} pretraining step (VTC + VTM + MLM)", ""]
-    lines += [f"- hardware: {hw}; torch {torch.__version__}; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+    if args.note:
+        lines += [f"**{args.note}**", ""]
+    lines += [f"- hardware: {hw}; {versions()}; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
               f"- command: `{' '.join([Path(sys.executable).name, 'bench/model_step.py'] + sys.argv[1:])}`",
-              f"- {base_frames} frames (and {args.frames_ac} with activation checkpointing), text length {args.text_len}, "
-              f"precision {precision}, ZeRO-2 through megavid's build_engine for megavid rows; "
-              f"{warmup} warm-up + {steps} timed steps, median step time",
-              f"- FLOPs: megavid's analytic flops_per_sample (fwd+bwd) x clips/s; "
+              f"- {base_frames} frames (and {args.frames_ac or 'no others'} with activation checkpointing of every block), "
+              f"text length {args.text_len}, precision {precision}, ZeRO-2 through megavid's apply_model_options + "
+              f"build_engine for the engine rows; {warmup} warm-up + {steps} timed steps, median step time",
+              f"- FLOPs: megavid's analytic flops_per_sample (fwd+bwd, recomputation not counted) x clips/s; "
               f"MFU peak: {f'{peak:.0f} TFLOP/s ({precision})' if peak else 'none (CPU has no table entry)'}"]
     if diff is not None:
         lines.append(f"- same-weights fp32 check on CPU (tiny config, B=4; transformers towers vs megavid): max |diff| of video tokens, "
@@ -495,10 +617,15 @@ def main() -> None:
     if "triton" in backends:
         fb = "" if "triton" in (backends["triton"] or "") else " (Triton needs CUDA: the fused path fell back to its torch references)"
         lines.append(f"- fused path backends actually run: {backends['triton']}{fb}")
+    compiled = [(impl, r) for impl, r in results + ac_results if "graphs" in r]
+    if compiled:
+        lines.append("- compiled rows, first step (includes torch.compile) and graphs compiled: " + "; ".join(
+            f"{impl} {r['args']['frames']} frames AC {ac_text(r['args'])}: {r.get('first_step_s', float('nan')):.1f} s, "
+            f"{r['graphs']} graphs" for impl, r in compiled))
     header = ["| implementation | frames | AC | batch | step ms | clips/s | TFLOP/s | MFU | peak memory | vs transformers |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for title, rows in (("Largest batch that fits, no activation checkpointing", results),
-                        ("More frames, activation checkpointing every block", ac_results)):
+                        ("More frames, activation checkpointing of every block: full vs attention-only", ac_results)):
         if not rows:
             continue
         lines += ["", f"## {title}", ""] + header
@@ -509,12 +636,14 @@ def main() -> None:
             if impl == "transformers":
                 ref[r["args"]["frames"]] = clips
             lines.append(row)
+    if results:
+        lines += acceptance_lines(results, peak)
     profiles = [(impl, r) for impl, r in results + ac_results if r.get("profile")]
     if profiles:
         lines += ["", f"## Top {args.profile} ops by self {'device' if cuda else 'CPU'} time (2 steps)"]
         for impl, r in profiles:
             a = r["args"]
-            lines += ["", f"### {impl}, {a['frames']} frames, AC {'on' if a['ac'] else 'off'}, batch {a['batch']}",
+            lines += ["", f"### {impl}, {a['frames']} frames, AC {ac_text(a)}, batch {a['batch']}",
                       "", "```", r["profile"].rstrip(), "```"]
     lines += ["", f"wall time of the benchmark: {time.time() - t_start:.0f} s"]
     text = "\n".join(lines) + "\n"
