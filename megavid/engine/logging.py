@@ -146,7 +146,10 @@ def format_train_line(step: int, total_steps: int, metrics: dict[str, Any]) -> s
     if "epoch" in metrics:
         parts.append(f"epoch {metrics['epoch']}")
     for key, fmt in (("loss", "loss {:.6g}"), ("lr", "lr {:.4g}"), ("samples_per_s", "{:.1f} samples/s"),
-                     ("data_wait_pct", "data wait {:.1f}%"), ("tflops_per_device", "{:.1f} TFLOP/s"),
+                     ("data_wait_pct", "data wait {:.1f}%"),
+                     ("loader_feed_ms_per_batch", "feed {:.1f} ms/batch"),
+                     ("loader_decode_wait_ms_per_batch", "decode wait {:.1f} ms/batch"),
+                     ("tflops_per_device", "{:.1f} TFLOP/s"),
                      ("mfu", "MFU {:.1%}")):
         v = metrics.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):

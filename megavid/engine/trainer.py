@@ -40,6 +40,9 @@ from megavid.errors import CheckpointError, ConfigError, MegavidError, Preempted
 
 log = logging.getLogger(__name__)
 
+LOADER_STATS = ("pipeline_builds", "feed_ms_per_batch", "decode_wait_ms_per_batch")
+"""Loader counters (``loader.stats()``) logged with every training line, as ``loader_<name>``."""
+
 DEBUG_MAX_STEPS = 3
 """Debug mode (``run.debug``) runs at most this many steps, writing nothing to the run dir."""
 
@@ -577,6 +580,11 @@ class Trainer:
         metrics.update(meter.summary())
         metrics["peak_memory_gib"] = _peak_memory_gib(device)
         metrics["nonfinite_skipped"] = self.nonfinite_total
+        # the loader's own counters (pipeline builds, feed and decode-wait ms per batch), rank 0's
+        stats = getattr(self.loader, "stats", None)
+        for k, v in (stats() if callable(stats) else {}).items():
+            if k in LOADER_STATS:
+                metrics[f"loader_{k}"] = float(v)
         skipped = self._skipped()
         metrics["skipped_samples"] = sum(skipped.values())
         metrics.update({f"skipped_{reason}": n for reason, n in skipped.items()})

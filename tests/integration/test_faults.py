@@ -139,6 +139,7 @@ def test_single_process_faults_end_the_job_and_resume_exactly(base_tokens, tmpfs
     for s in range(1, steps + 1):
         line = next(ln for ln in err.splitlines() if f"step {s}/{steps} | epoch 0 | loss " in ln)
         assert f"loss {ref[s]:.6g}" in line and "samples/s" in line and "data wait" in line
+        assert "feed " in line and "decode wait " in line
         assert "skipped 0" in line
     log0 = (tmpfs / "reference" / "logs" / "rank0.log").read_text()
     assert f"step {steps}/{steps} | epoch 0 | loss {ref[steps]:.6g}" in log0
@@ -297,3 +298,5 @@ def test_dali_feed_fault_ends_the_job_and_resumes_exactly(base_tokens, tmp_path)
     assert rc == 0, err[-4000:]
     assert _losses(runs / "faulty") == _losses(runs / "reference")
     assert sorted(_losses(runs / "reference")) == list(range(1, steps + 1))
+    # one DALI pipeline for the whole run (the loader's counter, logged by the trainer)
+    assert read_metrics(runs / "reference")[steps]["loader_pipeline_builds"] == 1
