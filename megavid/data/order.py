@@ -126,7 +126,7 @@ def choose_caption(meta: dict, *, train: bool, seed: int, epoch: int, index: int
         captions = [meta["caption"]]
     if not captions:
         raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
-    if train:
+    if train and len(captions) > 1:  # (one caption: the draw could only be 0)
         rng = get_fast_sample_rng(seed, epoch, index, "caption")
         return captions[int(rng.integers(len(captions)))]
     return captions[0]

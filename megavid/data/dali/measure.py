@@ -14,6 +14,7 @@ they start are their own (not counted in ``loader.stats()``) and gone when they 
 from __future__ import annotations
 
 import itertools
+import resource
 import time
 from typing import Any
 
@@ -41,8 +42,8 @@ def measure_feed(loader: Any, seconds: float, workers: int | None = None) -> dic
         workers: feed processes (None: the loader's ``feed_workers``; 0: this process).
 
     Returns:
-        {"clips", "seconds" (wall), "cpu_s" (feed CPU, all processes), "clips_per_s" (wall),
-        "clips_per_cpu_s"}.
+        {"clips", "seconds" (wall), "cpu_s" (feed CPU, all processes), "workers_cpu_s" and
+        "main_cpu_s" (its two parts), "clips_per_s" (wall), "clips_per_cpu_s"}.
     """
     workers = loader.feed_workers if workers is None else workers
     saved = (loader.epoch, loader.cursor)
@@ -58,27 +59,28 @@ def measure_feed(loader: Any, seconds: float, workers: int | None = None) -> dic
                 feed.submit(next(items))
                 submitted += 1
 
-        def one() -> tuple[int, float]:
-            top_up()
+        def one() -> tuple[int, float, float]:
             c0 = time.thread_time()
+            top_up()
             p = feed.receive()
             loader._dali_inputs(p)  # the hand-over
-            # a worker's CPU plus this thread's (receive, hand-over; inline: all of it)
-            cpu = (p.cpu_s if p.worker >= 0 else 0.0) + time.thread_time() - c0
             feed.release(p)
-            return len(p.indices), cpu
+            # a worker's CPU, and this thread's (submit, receive, hand-over; inline: all)
+            return len(p.indices), p.cpu_s if p.worker >= 0 else 0.0, time.thread_time() - c0
 
         one()  # warm-up: worker start, first reads
-        clips, cpu, t0 = 0, 0.0, time.perf_counter()
+        clips, workers_cpu, main_cpu, t0 = 0, 0.0, 0.0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            n, c = one()
+            n, w, m = one()
             clips += n
-            cpu += c
+            workers_cpu += w
+            main_cpu += m
         wall = time.perf_counter() - t0
     finally:
         feed.close()
-    return {"clips": float(clips), "seconds": wall, "cpu_s": cpu,
-            "clips_per_s": clips / wall if wall > 0 else 0.0,
+    cpu = workers_cpu + main_cpu
+    return {"clips": float(clips), "seconds": wall, "cpu_s": cpu, "workers_cpu_s": workers_cpu,
+            "main_cpu_s": main_cpu, "clips_per_s": clips / wall if wall > 0 else 0.0,
             "clips_per_cpu_s": clips / cpu if cpu > 0 else 0.0}
 
 
@@ -93,15 +95,19 @@ def feed_rate(loader: Any, seconds: float) -> float:
     return measure_feed(loader, seconds)["clips_per_cpu_s"]
 
 
-def decode_only_rate(loader: Any, seconds: float, batches: int = 8) -> float:
-    """Clips/s of the loader's decode stage alone: ``batches`` of its next batches prepared
-    once, then cycled through a pipeline of its kind (device, threads, prefetch) for about
-    ``seconds`` after one untimed batch; each output taken as the loader takes it.
+def measure_decode_only(loader: Any, seconds: float, batches: int = 8) -> dict[str, float]:
+    """Run the loader's decode stage alone for about ``seconds`` (after one untimed batch):
+    ``batches`` of its next batches prepared once, then cycled through a pipeline of its kind
+    (device, threads, prefetch), each output taken as the loader takes it.
 
     Args:
         loader: a DALI loader.
         seconds: how long to measure (wall).
         batches: distinct prepared batches to cycle through.
+
+    Returns:
+        {"clips", "seconds" (wall), "cpu_s" (this process, DALI's threads included),
+        "clips_per_s", "clips_per_cpu_s"}.
     """
     saved = (loader.epoch, loader.cursor)
     items: list[Work] = list(itertools.islice(_sequence(loader), batches))
@@ -126,10 +132,29 @@ def decode_only_rate(loader: Any, seconds: float, batches: int = 8) -> float:
             return len(p.indices)
 
         one()
-        clips, t0 = 0, time.perf_counter()
+        clips, t0, c0 = 0, time.perf_counter(), _process_cpu_s()
         while time.perf_counter() - t0 < seconds:
             clips += one()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _process_cpu_s() - c0
     finally:
         del pipe
-    return clips / wall if wall > 0 else 0.0
+    return {"clips": float(clips), "seconds": wall, "cpu_s": cpu,
+            "clips_per_s": clips / wall if wall > 0 else 0.0,
+            "clips_per_cpu_s": clips / cpu if cpu > 0 else 0.0}
+
+
+def decode_only_rate(loader: Any, seconds: float, batches: int = 8) -> float:
+    """Clips/s of the loader's decode stage alone: the same prepared inputs cycled through a
+    pipeline of its kind, no feed (:func:`measure_decode_only`).
+
+    Args:
+        loader: a DALI loader.
+        seconds: how long to measure (wall).
+        batches: distinct prepared batches to cycle through.
+    """
+    return measure_decode_only(loader, seconds, batches)["clips_per_s"]
+
+
+def _process_cpu_s() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
