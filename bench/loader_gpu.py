@@ -23,7 +23,7 @@ faster on the same source videos, each with clips/s, clips/s per core and the ra
 baseline measured in the same run (``--gops``: the ``make-shards --gop N`` variants).
 
     .venv/bin/python bench/loader_gpu.py                    # CPU: DALI CPU paths and PyAV
-    .venv/bin/python bench/loader_gpu.py --seconds 30 --samples 256 --workers 16   # an H100
+    .venv/bin/python bench/loader_gpu.py --seconds 30 --workers 16   # an H100
 """
 
 from __future__ import annotations
@@ -131,9 +131,10 @@ def clips_per_s(build: Callable[[], Any], seconds: float, max_clips: int,
                 stats: dict | None = None) -> tuple[float, int]:
     """Iterate a loader (epochs repeat) for ~``seconds`` after one warm-up batch.
 
-    ``stats`` (optional) receives ``passes``, the new passes started while timing, and
-    ``pass_start_ms``, the mean time of their first batch: a DALI loader builds its pipeline
-    once per pass, which small benchmark epochs pay often and real epochs almost never."""
+    ``stats`` (optional) receives ``passes``, the new passes started while timing,
+    ``pass_start_ms``, the mean time of their first batch, and ``pipeline_builds``, the DALI
+    pipelines the loader built (``loader.stats()``; one per loader since the data path v2, which
+    no longer rebuilds per pass)."""
     loader = build()
     it = iter(loader)
     next(it)  # warm-up: pipeline build, worker start, first decode
@@ -157,6 +158,8 @@ def clips_per_s(build: Callable[[], Any], seconds: float, max_clips: int,
     if stats is not None:
         stats["passes"] = len(starts)
         stats["pass_start_ms"] = 1e3 * statistics.mean(starts) if starts else float("nan")
+        get_stats = getattr(loader, "stats", None)
+        stats["pipeline_builds"] = int(get_stats()["pipeline_builds"]) if get_stats else None
     return n / (time.perf_counter() - t0), n
 
 
@@ -578,7 +581,8 @@ def run_attempts(shards: dict[str, Path], tmp: Path, args: argparse.Namespace) -
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=48, help="samples per shard folder")
+    ap.add_argument("--samples", type=int, default=2048, help="samples per shard folder (long "
+                    "passes: a DALI pipeline is built once per loader, not per pass)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
@@ -636,11 +640,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append((name, float("nan"), 0, stats, f"{type(e).__name__}: {str(e)[:120]}"))
         print(f"  {name}: {results[-1][1]:.1f} clips/s {results[-1][4]}", file=sys.stderr)
     ref = next((r for n, r, _, _, _ in results if n == "PyAV (h264)"), float("nan"))
-    print("\n| path | clips/s | clips timed | vs PyAV (h264) | new passes timed (first batch ms) |")
-    print("|---|---|---|---|---|")
+    print("\n| path | clips/s | clips timed | vs PyAV (h264) | new passes timed (first batch ms) "
+          "| pipeline builds |")
+    print("|---|---|---|---|---|---|")
     for name, rate, n, st, err in results:
         passes = f"{st['passes']} ({st['pass_start_ms']:.0f})" if st.get("passes") else "0"
-        print(f"| {name} | {rate:.1f} | {n} | {rate / ref:.2f}x | {passes} |"
+        builds = st.get("pipeline_builds")
+        print(f"| {name} | {rate:.1f} | {n} | {rate / ref:.2f}x | {passes} | "
+              f"{builds if builds is not None and name.startswith('DALI') else '-'} |"
               + (f" {err}" if err else ""))
 
     if not args.skip_attempts:
