@@ -32,16 +32,17 @@ repeated under distinct keys (``--repeat``) into shards, or ``--videos DIR`` for
 ``--mode datapath`` measures the DALI CPU loaders' pipeline lifetime and feed stage, in one
 run, on synthetic moving-shapes clips (``megavid.shards.synthetic``: ``--samples`` clips of 16
 frames of 224^2 at 8 fps, VP9) and the frames shards ``make-shards --shard-format frames`` makes
-of them (JPEG, 8 fps): per shard kind, the train loader (batch ``--batch``, 8x224^2 clips,
-``--threads`` DALI threads, ``data.feed_workers=1``) reads ``--epochs`` epochs while
-``megavid.data.dali.measure.decode_only_rate`` runs between them (the same inputs cycled
-through a pipeline of the same kind, no feed); then the feed stage alone
-(``measure.measure_feed``) in this process and with 1 and 2 worker processes. Reported: the
-loader's clips/s (wall, first batch untimed) and clips per CPU-second (this process, DALI's
-threads included, plus the feed workers), the same for decode-only, their ratio,
-``loader.stats()`` (pipeline builds over the epochs, feed ms per batch, decode wait), the
-feed's clips per CPU-second and clips/s; ``--compare-rev REV`` adds the feed stage of the code
-at git revision REV (its ``_prepare`` and hand-over in one process, the same clock).
+of them (JPEG, 8 fps). Per shard kind, ``--blocks`` times: a new train loader (batch
+``--batch``, 8x224^2 clips, ``--threads`` DALI threads, ``data.feed_workers=1``) reads
+``--epochs`` epochs back to back, against ``megavid.data.dali.measure``'s decode-only runs just
+before and just after it (the same inputs cycled through a pipeline of the same kind, no
+feed); then the feed stage alone (``measure.measure_feed``) in this process and with 1 and 2
+worker processes. Reported: the loader's clips/s (wall, first batch untimed) and clips per
+CPU-second (this process, DALI's threads included, plus the feed worker), the same for
+decode-only, their ratio, ``loader.stats()`` (pipeline builds over the epochs, feed ms per
+batch, decode wait), the feed's clips per CPU-second and clips/s, and the load average (the
+machine may be shared). ``--compare-rev REV`` adds the feed stage of the code at git revision
+REV (its ``_prepare`` and hand-over in one process, the same clock).
 
     .venv/bin/python bench/loader.py --mode datapath --compare-rev 5df9623 \
         --out bench/results/loader_cpu-2core_datapath_v2.md
@@ -444,41 +445,48 @@ def _feed_pids(loader: Any) -> list[int]:
 
 
 def measure_datapath(kind: str, shards: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The loader over ``--epochs`` epochs with decode-only runs in between, then the feed."""
+    """``--blocks`` times: a new loader reads ``--epochs`` epochs without a pause, against
+    decode-only runs just before and just after it; then the feed alone."""
     from megavid.data.dali import measure
     from megavid.data.dali.backend import build_dali_loader
 
     cfg = DataConfig(root=str(shards.parent), train=str(shards), num_frames=NUM_FRAMES,
                      img_size=IMG, batch_size=args.batch, num_workers=args.threads,
                      random_flip=True, feed_workers=1)
-    loader = build_dali_loader(cfg, "train", train=True, device="cpu")
-    epochs = []
-    for e in range(args.epochs):
-        dec = measure.measure_decode_only(loader, args.seconds)
-        decode, d_clips, d_cpu = dec["clips_per_s"], dec["clips"], dec["cpu_s"]
+    blocks = []
+    for r in range(args.blocks):
+        loader = build_dali_loader(cfg, "train", train=True, device="cpu")
+        before = measure.measure_decode_only(loader, args.seconds)
         it = iter(loader)
-        clips = 0
-        if e == 0:
-            next(it)  # the pipeline build and the feed workers' start: untimed
+        next(it)  # the pipeline build and the feed worker's start: untimed
         pids = _feed_pids(loader)
-        w0, c0 = time.perf_counter(), _tree_cpu_seconds(pids)
-        for batch in it:
-            clips += len(batch["keys"])
+        clips, w0, c0 = 0, time.perf_counter(), _tree_cpu_seconds(pids)
+        for e in range(args.epochs):  # the epochs back to back, as training reads them
+            for batch in it:
+                clips += len(batch["keys"])
+            if e + 1 < args.epochs:
+                it = iter(loader)
         wall, cpu = time.perf_counter() - w0, _tree_cpu_seconds(pids) - c0
-        epochs.append({"decode": decode, "decode_per_cpu": d_clips / max(d_cpu, 1e-9),
+        stats = loader.stats()
+        time.sleep(1.0)  # the next epoch's batches DALI decodes ahead: not in the next run
+        after = measure.measure_decode_only(loader, args.seconds)
+        loader.close()
+        decode = (before["clips_per_s"] + after["clips_per_s"]) / 2
+        decode_per_cpu = (before["clips_per_cpu_s"] + after["clips_per_cpu_s"]) / 2
+        blocks.append({"decode": decode, "decode_per_cpu": decode_per_cpu,
                        "loader": clips / wall, "loader_per_cpu": clips / max(cpu, 1e-9),
-                       "clips": clips, "load": os.getloadavg()[0]})
-        print(f"  {kind} epoch {e}: loader {clips / wall:.1f} clips/s, decode-only "
-              f"{decode:.1f} clips/s ({clips / wall / decode:.3f}x); per CPU-s "
-              f"{clips / cpu:.1f} vs {d_clips / d_cpu:.1f}; load {os.getloadavg()[0]:.1f}",
-              flush=True)
-    stats = loader.stats()
+                       "clips": clips, "load": os.getloadavg()[0], "stats": stats})
+        print(f"  {kind} block {r}: {args.epochs} epochs, {stats['pipeline_builds']:.0f} "
+              f"pipeline build(s); loader {clips / wall:.1f} clips/s, decode-only "
+              f"{before['clips_per_s']:.1f} before, {after['clips_per_s']:.1f} after "
+              f"({clips / wall / decode:.3f}x); per CPU-s {clips / cpu:.1f} vs "
+              f"{decode_per_cpu:.1f}; load {os.getloadavg()[0]:.1f}", flush=True)
+    loader = build_dali_loader(cfg, "train", train=True, device="cpu")
     feed: dict[int, list[dict[str, float]]] = {0: [], 1: [], 2: []}
     for _ in range(args.rounds):
         for w in feed:
             feed[w].append(measure.measure_feed(loader, args.feed_seconds, workers=w))
-    loader.close()
-    return {"epochs": epochs, "stats": stats, "feed": feed}
+    return {"blocks": blocks, "feed": feed}
 
 
 _OLD_FEED = """
@@ -538,23 +546,33 @@ def run_datapath(args: argparse.Namespace) -> int:
     lines = [f"machine (at the end of the run): {machine()}",
              f"{args.samples} synthetic clips (16 frames of 224^2, 8 fps) as VP9 shards and as "
              f"frames shards (JPEG, 8 fps); train loader, batch {args.batch}, {NUM_FRAMES}x{IMG}^2 "
-             f"clips, DALI CPU with {args.threads} threads, data.feed_workers=1; {args.epochs} "
-             f"epochs, decode-only ({args.seconds:g} s) before each; feed alone "
+             f"clips, DALI CPU with {args.threads} threads, data.feed_workers=1. {args.blocks} "
+             f"blocks per kind: a new loader reads {args.epochs} epochs back to back (its first "
+             f"batch untimed), against the mean of decode-only runs ({args.seconds:g} s) just "
+             "before and just after it. Feed alone: "
              f"{args.feed_seconds:g} s x {args.rounds} rounds per setting (median)", "",
-             "| shards | pipeline builds | loader clips/s | decode-only clips/s | loader / "
-             "decode-only (wall) | loader / decode-only (per CPU-s) | feed ms per batch (CPU) "
-             "| decode wait ms per batch |", "|---|---|---|---|---|---|---|---|"]
+             "| shards | pipeline builds per loader | loader clips/s | decode-only clips/s | "
+             "loader / decode-only (wall) | loader / decode-only (per CPU-s) | feed ms per batch "
+             "(CPU) | decode wait ms per batch | load average after each block |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for kind, r in results.items():
-        ep, s = r["epochs"], r["stats"]
-        clips = sum(e["clips"] for e in ep)
-        loader_rate = clips / sum(e["clips"] / e["loader"] for e in ep)
-        decode = st.mean(e["decode"] for e in ep)
-        cpu_ratio = st.mean(e["loader_per_cpu"] / e["decode_per_cpu"] for e in ep)
-        lines.append(f"| {kind} | {s['pipeline_builds']:.0f} | {loader_rate:.1f} | "
-                     f"{decode:.1f} | {loader_rate / decode:.3f} (epochs: " + ", ".join(
-                         f"{e['loader'] / e['decode']:.3f}" for e in ep) + f") | "
-                     f"{cpu_ratio:.3f} | {s['feed_ms_per_batch']:.2f} | "
-                     f"{s['decode_wait_ms_per_batch']:.1f} |")
+        bl = r["blocks"]
+        loader_rate = st.median(b["loader"] for b in bl)
+        decode = st.median(b["decode"] for b in bl)
+        ratio = st.median(b["loader"] / b["decode"] for b in bl)
+        cpu_ratio = st.median(b["loader_per_cpu"] / b["decode_per_cpu"] for b in bl)
+        builds = ", ".join(f"{b['stats']['pipeline_builds']:.0f}" for b in bl)
+        lines.append(
+            f"| {kind} | {builds} | {loader_rate:.1f} | {decode:.1f} | {ratio:.3f} (blocks: "
+            + ", ".join(f"{b['loader'] / b['decode']:.3f}" for b in bl) + f") | {cpu_ratio:.3f} "
+            "(blocks: " + ", ".join(f"{b['loader_per_cpu'] / b['decode_per_cpu']:.3f}"
+                                    for b in bl) + ") | "
+            f"{st.median(b['stats']['feed_ms_per_batch'] for b in bl):.2f} | "
+            f"{st.median(b['stats']['decode_wait_ms_per_batch'] for b in bl):.1f} | "
+            + ", ".join(f"{b['load']:.1f}" for b in bl) + " |")
+    lines.append("")
+    lines.append("Loader and decode-only clips/s are medians over the blocks; the ratios are "
+                 "the median of the blocks' ratios.")
     lines += ["", "| shards | feed | clips per CPU-s | clips/s (wall) |", "|---|---|---|---|"]
     for kind, r in results.items():
         if kind in old:
@@ -583,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
                    "vs decode-from-start vs decord, whole videos / windows / a long video; "
                    "datapath: the DALI CPU loaders' pipeline builds, feed and decode stages")
     p.add_argument("--samples", type=int, default=512, help="datapath: synthetic clips")
-    p.add_argument("--epochs", type=int, default=3, help="datapath: epochs the loader reads")
+    p.add_argument("--epochs", type=int, default=3, help="datapath: epochs each loader reads")
+    p.add_argument("--blocks", type=int, default=3,
+                   help="datapath: loaders per shard kind, each timed against decode-only")
     p.add_argument("--threads", type=int, default=2, help="datapath: DALI CPU threads")
     p.add_argument("--seconds", type=float, default=5.0,
                    help="datapath: decode-only seconds before each epoch")
