@@ -20,7 +20,9 @@ worker, so a worker never overwrites bytes DALI has not taken yet. A batch large
 travels through the pipe instead. Items go to the workers round-robin and come back in
 submission order, so the order never depends on timing.
 
-Workers ignore SIGTERM and SIGINT like the PyAV loader's (a preempted job writes its checkpoint
+Workers are forked (also after CUDA is initialised, as torch's DataLoader workers are: they
+run numpy and file reads only, never CUDA, DALI or torch ops). They ignore SIGTERM and SIGINT
+like the PyAV loader's (a preempted job writes its checkpoint
 first); they leave when the pool is closed, when the loader is collected, at interpreter exit
 (an exit handler registered after multiprocessing's runs first) or when their parent is gone.
 

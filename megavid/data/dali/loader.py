@@ -446,10 +446,10 @@ class DaliLoader(VideoTextLoader):
         """The batches of one pass (an epoch from the cursor, or a resampled chunk), out of the
         loader's one pipeline; ``VideoTextLoader.__iter__`` moves the cursor and ends the epoch,
         so order, resume and resampled mode are the PyAV loader's."""
-        spec = self._spec(plan)
-        self._stream.begin(spec)
+        spec, owner = self._spec(plan), object()
+        self._stream.begin(spec, owner)
         for step in range(plan.steps):
-            p, clip = self._stream.next_batch((spec, step))
+            p, clip = self._stream.next_batch((spec, step), owner)
             self._record_failures(p.failed)
             yield self._assemble(clip, p)
 

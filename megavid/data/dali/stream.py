@@ -70,6 +70,7 @@ class PipelineStream:
         self.submitted: deque[Work] = deque()  # sent to the feed, not given to DALI yet
         self.inflight: deque[Prepared] = deque()  # given to DALI, output not taken yet
         self.consecutive = 0
+        self.owner: object | None = None  # the pass being handed out (one at a time)
         self.counts = {"pipeline_builds": 0, "batches": 0, "prepared": 0, "dropped": 0,
                        "clips": 0, "reads": 0}
         self.times = {"feed_cpu_s": 0.0, "feed_wait_s": 0.0, "decode_wait_s": 0.0}
@@ -89,9 +90,10 @@ class PipelineStream:
             return self.submitted[0]
         return None
 
-    def begin(self, spec: Spec) -> None:
-        """A pass starts at step 0 of ``spec``: keep what is in flight if the sequence planned
-        it, else drop it and restart the sequence here."""
+    def begin(self, spec: Spec, owner: object) -> None:
+        """A pass (``owner``: its token) starts at step 0 of ``spec``: keep what is in flight if
+        the sequence planned it, else drop it and restart the sequence here."""
+        self.owner = owner
         want = get_work_id((spec, 0), self.global_batch)
         head = self._head()
         if head is not None and get_work_id(head, self.global_batch) == want:
@@ -166,8 +168,16 @@ class PipelineStream:
             pass
 
     # -- the consumer side ----------------------------------------------------------------
-    def next_batch(self, work: Work) -> tuple[Prepared, Any]:
-        """The decoded batch of ``work`` (the next one in the sequence): (prepared, clip)."""
+    def next_batch(self, work: Work, owner: object) -> tuple[Prepared, Any]:
+        """The decoded batch of ``work`` (the next one in the sequence) for the pass ``owner``:
+        (prepared, clip).
+
+        Raises:
+            RuntimeError: another pass over the loader started since ``owner`` did.
+        """
+        if owner is not self.owner:
+            raise RuntimeError("a DALI loader hands out one pass at a time: another iteration "
+                               "over it started after this one; finish or close the first")
         want = get_work_id(work, self.global_batch)
         while True:
             if self.pipe is None:

@@ -154,6 +154,14 @@ def test_a_pass_from_elsewhere_drops_what_is_in_flight(vp9_shards, builds):
     assert [b["keys"] for b in loader] == [b["keys"] for b in build_pyav_loader(
         cfg, "train", train=True, seed=7, epoch=5)]
     assert builds == [2] and loader.stats()["pipeline_builds"] == 1
+    # one pass at a time: a second iterator takes the pipeline over, the first one says so
+    first = iter(loader)
+    next(first)
+    second = iter(loader)
+    next(second)
+    with pytest.raises(RuntimeError, match="one pass at a time"):
+        next(first)
+    assert len(list(second)) == 4  # steps 2..5 of the epoch (each iterator took one)
 
 
 @pytest.mark.parametrize("feed_workers", [1, 2])
