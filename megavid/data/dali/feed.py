@@ -22,9 +22,9 @@ submission order, so the order never depends on timing.
 
 Workers are forked (also after CUDA is initialised, as torch's DataLoader workers are: they
 run numpy and file reads only, never CUDA, DALI or torch ops). They ignore SIGTERM and SIGINT
-like the PyAV loader's (a preempted job writes its checkpoint
-first); they leave when the pool is closed, when the loader is collected, at interpreter exit
-(an exit handler registered after multiprocessing's runs first) or when their parent is gone.
+like the PyAV loader's (a preempted job writes its checkpoint first); they leave when the pool
+is closed, when the loader is collected, at interpreter exit (an exit handler registered after
+multiprocessing's runs first) or when their parent is gone.
 
 CPU time: every item carries the CPU seconds its worker spent on it (``time.process_time``:
 read, plan, pickling); the loader adds the main thread's hand-over (receive, unpickle, DALI
