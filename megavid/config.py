@@ -264,11 +264,15 @@ class DataConfig:
     (stream copy, same frames), since it decodes every frame up to the last one asked for.
     For ``make-shards --gop 8`` shards: 1.8x clips/s on DALI's CPU decoder (bench/loader_gpu.py),
     at ~10 ms of Python per sample; slower on shards with few keyframes."""
-    feed_workers: int = 1
+    feed_workers: int = -1
     """DALI loaders: processes that read and plan batches (JSON, frames, caption, crop) ahead
     of the pipeline, in order (``megavid.data.dali.feed``); 0 does it in the training
-    process, inside DALI's source callback. One keeps up with DALI's CPU decoder on a few
-    cores; a GPU decoding thousands of JPEG frames per second wants 2-4."""
+    process, inside DALI's source callback. -1 (auto): one per core left over by DALI's
+    threads (``num_workers``) and the training process, at most 2 with the mixed (GPU) decoder
+    and 1 with the CPU decoder; 0 when no core is left (on 2 cores an in-process feed slowed
+    DALI's CPU decoder less than a feed process competing with it:
+    bench/results/loader_cpu-2core_datapath_v2.md). A GPU decoding thousands of JPEG frames
+    per second wants 2-4."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -280,9 +284,9 @@ class DataConfig:
         if self.shuffle_block < 1:
             raise ConfigError(f"data.shuffle_block={self.shuffle_block} must be >= 1 (1: shuffle "
                               "single samples)")
-        if self.feed_workers < 0:
-            raise ConfigError(f"data.feed_workers={self.feed_workers} must be >= 0 (0: the DALI "
-                              "feed runs in the training process)")
+        if self.feed_workers < -1:
+            raise ConfigError(f"data.feed_workers={self.feed_workers} must be >= -1 (-1: auto, "
+                              "0: the DALI feed runs in the training process)")
 
 
 @dataclass(kw_only=True, slots=True)

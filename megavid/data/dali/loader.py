@@ -87,7 +87,8 @@ class DaliLoader(VideoTextLoader):
         quarantine: a :class:`Quarantine` or the path of its JSON file (None:
             ``data_cfg.quarantine``, in memory when that is empty).
         num_threads: DALI CPU threads (None: ``data_cfg.num_workers``, at least 1).
-        feed_workers: feed processes (None: ``data_cfg.feed_workers``; 0: in this process).
+        feed_workers: feed processes (None: ``data_cfg.feed_workers``; 0: in this process;
+            -1: auto, see ``DataConfig.feed_workers``).
         table: the split's sample table, already built (None: read the split's index).
         codec: the shards' codec, already known (None: read it from the index).
     """
@@ -120,10 +121,11 @@ class DaliLoader(VideoTextLoader):
         self.device_id = torch.cuda.current_device() if self.device == "mixed" else None
         self.num_threads = max(1, num_threads or data_cfg.num_workers)
         self.prefetch = 2
-        self.feed_workers = data_cfg.feed_workers if feed_workers is None else feed_workers
-        if self.feed_workers < 0:
-            raise ConfigError(f"data.feed_workers={self.feed_workers} must be >= 0 (0: prepare "
-                              "batches in the loader's process)")
+        feed_workers = data_cfg.feed_workers if feed_workers is None else feed_workers
+        if feed_workers < -1:
+            raise ConfigError(f"data.feed_workers={feed_workers} must be >= -1 (-1: auto, 0: "
+                              "prepare batches in the loader's process)")
+        self.feed_workers = self._auto_feed_workers() if feed_workers == -1 else feed_workers
         if quarantine is None:
             quarantine = getattr(data_cfg, "quarantine", "") or None
         self.quarantine = (quarantine if isinstance(quarantine, Quarantine)
@@ -137,6 +139,17 @@ class DaliLoader(VideoTextLoader):
         self._stream = PipelineStream(self, feed_workers=self.feed_workers,
                                       prefetch=self.prefetch)
         weakref.finalize(self, _close, self._stream, self._fds)
+
+    def _auto_feed_workers(self) -> int:
+        """``data.feed_workers=-1``: a feed process per core that DALI's threads and this
+        process leave over, at most 2 (mixed decoder) or 1 (CPU decoder); none when no core is
+        left, where a feed process only competes with DALI's CPU decoder."""
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            cores = os.cpu_count() or 1
+        spare = cores - self.num_threads - 1
+        return max(0, min(spare, 2 if self.device == "mixed" else 1))
 
     def _get_codec(self) -> str:
         """The codec of this loader's shards (decides the DALI device)."""

@@ -215,6 +215,58 @@ def test_stats_and_measure_helpers(vp9_shards):
     assert len(rest) == 2 and loader.stats()["batches"] == 4
 
 
+def test_bad_samples_found_in_feed_workers(tmp_path, caplog):
+    """Samples DALI cannot decode (clip_0003, clip_0007) and samples a cut tar truncates (the
+    last tar cut inside clip_0010's video: 10 and 11), found by feed workers and by the
+    in-process feed: the same batches, counts, log lines and quarantine as the PyAV loader's
+    batches and the cut's reference (the index offsets)."""
+    from megavid.shards.format import read_index as index_of
+
+    shards = make_shards(tmp_path / "shards", 12, corrupt=(3, 7))
+    entries = {e["key"]: e for e in index_of(shards)}
+    offset, size = entries["clip_0010"]["members"]["webm"]
+    with open(shards / entries["clip_0010"]["shard"], "r+b") as f:
+        f.truncate(offset + size // 2)
+    ref = {"clip_0003": "decode_error", "clip_0007": "decode_error",
+           "clip_0010": "truncated_shard", "clip_0011": "truncated_shard"}
+    runs = {}
+    for fw in (0, 2):
+        caplog.clear()
+        cfg = data_cfg(shards, batch_size=2, feed_workers=fw)
+        loader = build_dali_loader(cfg, "train", train=True, seed=5, device="cpu")
+        with caplog.at_level("WARNING", logger="megavid.data"):
+            runs[fw] = [list(loader), list(loader)]  # two epochs
+        lines = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("skipped sample ")]
+        assert sorted(ln.split()[2] for ln in lines) == sorted(ref)  # once each, 2 epochs
+        assert loader.failures == {"decode_error": 4, "truncated_shard": 4}  # once per epoch
+        assert {s["key"]: s["reason"] for s in loader.quarantine.samples} == ref
+        for epoch in runs[fw]:
+            assert all(len(set(b["keys"])) == len(b["keys"]) for b in epoch)
+            assert not {k for b in epoch for k in b["keys"]} & set(ref)
+        loader.close()
+    pyav = build_pyav_loader(data_cfg(shards, batch_size=2), "train", train=True, seed=5)
+    reference = [[b["keys"] for b in pyav], [b["keys"] for b in pyav]]
+    for fw, epochs in runs.items():
+        assert [[b["keys"] for b in e] for e in epochs] == reference, fw
+    for a, b in zip(runs[0][1], runs[2][1], strict=True):
+        assert torch.equal(a["video"], b["video"])
+
+
+def test_auto_feed_workers_use_the_cores_dali_leaves(vp9_shards, monkeypatch):
+    cfg = data_cfg(vp9_shards, num_workers=2)  # 2 DALI threads; data.feed_workers=-1 (auto)
+    for cores, cpu, mixed in [(2, 0, 0), (3, 0, 0), (4, 1, 1), (5, 1, 2), (16, 1, 2)]:
+        monkeypatch.setattr("os.sched_getaffinity", lambda _, n=cores: set(range(n)))
+        loader = build_dali_loader(cfg, "train", train=True, device="cpu")
+        assert loader.feed_workers == cpu, cores
+        loader.device = "mixed"  # the rule for the GPU decoder (no GPU needed to check it)
+        assert loader._auto_feed_workers() == mixed, cores
+    assert build_dali_loader(data_cfg(vp9_shards, feed_workers=2), "train",
+                             train=True).feed_workers == 2
+    with pytest.raises(ValueError, match="feed_workers"):
+        data_cfg(vp9_shards, feed_workers=-2)
+
+
 def test_a_dead_feed_worker_is_one_error(vp9_shards):
     cfg = data_cfg(vp9_shards, batch_size=1, feed_workers=1)  # 12 steps
     loader = build_dali_loader(cfg, "train", train=True, device="cpu")
