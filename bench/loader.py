@@ -33,12 +33,12 @@ repeated under distinct keys (``--repeat``) into shards, or ``--videos DIR`` for
 run, on synthetic moving-shapes clips (``megavid.shards.synthetic``: ``--samples`` clips of 16
 frames of 224^2 at 8 fps, VP9) and the frames shards ``make-shards --shard-format frames`` makes
 of them (JPEG, 8 fps). Per shard kind, ``--blocks`` times: a new train loader (batch
-``--batch``, 8x224^2 clips, ``--threads`` DALI threads, ``data.feed_workers=1``) reads
-``--epochs`` epochs back to back, against ``megavid.data.dali.measure``'s decode-only runs just
-before and just after it (the same inputs cycled through a pipeline of the same kind, no
-feed); then the feed stage alone (``measure.measure_feed``) in this process and with 1 and 2
+``--batch``, 8x224^2 clips, ``--threads`` DALI threads, each ``data.feed_workers`` of
+``--loader-feed-workers``) reads ``--epochs`` epochs back to back, against
+``megavid.data.dali.measure``'s decode-only runs just before and just after it (the same
+inputs cycled through a pipeline of the same kind, no feed); then the feed stage alone (``measure.measure_feed``) in this process and with 1 and 2
 worker processes. Reported: the loader's clips/s (wall, first batch untimed) and clips per
-CPU-second (this process, DALI's threads included, plus the feed worker), the same for
+CPU-second (this process, DALI's threads included, plus the feed workers), the same for
 decode-only, their ratio, ``loader.stats()`` (pipeline builds over the epochs, feed ms per
 batch, decode wait), the feed's clips per CPU-second and clips/s, and the load average (the
 machine may be shared). ``--compare-rev REV`` adds the feed stage of the code at git revision
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -450,12 +451,15 @@ def measure_datapath(kind: str, shards: Path, args: argparse.Namespace) -> dict[
     from megavid.data.dali import measure
     from megavid.data.dali.backend import build_dali_loader
 
-    cfg = DataConfig(root=str(shards.parent), train=str(shards), num_frames=NUM_FRAMES,
-                     img_size=IMG, batch_size=args.batch, num_workers=args.threads,
-                     random_flip=True, feed_workers=1)
+    def config(feed_workers: int) -> DataConfig:
+        return DataConfig(root=str(shards.parent), train=str(shards), num_frames=NUM_FRAMES,
+                          img_size=IMG, batch_size=args.batch, num_workers=args.threads,
+                          random_flip=True, feed_workers=feed_workers)
+
     blocks = []
-    for r in range(args.blocks):
-        loader = build_dali_loader(cfg, "train", train=True, device="cpu")
+    settings = [int(w) for w in args.loader_feed_workers.split(",")]
+    for r, fw in itertools.product(range(args.blocks), settings):  # settings interleaved
+        loader = build_dali_loader(config(fw), "train", train=True, device="cpu")
         before = measure.measure_decode_only(loader, args.seconds)
         it = iter(loader)
         next(it)  # the pipeline build and the feed worker's start: untimed
@@ -475,13 +479,15 @@ def measure_datapath(kind: str, shards: Path, args: argparse.Namespace) -> dict[
         decode_per_cpu = (before["clips_per_cpu_s"] + after["clips_per_cpu_s"]) / 2
         blocks.append({"decode": decode, "decode_per_cpu": decode_per_cpu,
                        "loader": clips / wall, "loader_per_cpu": clips / max(cpu, 1e-9),
-                       "clips": clips, "load": os.getloadavg()[0], "stats": stats})
-        print(f"  {kind} block {r}: {args.epochs} epochs, {stats['pipeline_builds']:.0f} "
+                       "clips": clips, "load": os.getloadavg()[0], "stats": stats,
+                       "feed_workers": fw})
+        print(f"  {kind} block {r}, data.feed_workers={fw}: {args.epochs} epochs, "
+              f"{stats['pipeline_builds']:.0f} "
               f"pipeline build(s); loader {clips / wall:.1f} clips/s, decode-only "
               f"{before['clips_per_s']:.1f} before, {after['clips_per_s']:.1f} after "
               f"({clips / wall / decode:.3f}x); per CPU-s {clips / cpu:.1f} vs "
               f"{decode_per_cpu:.1f}; load {os.getloadavg()[0]:.1f}", flush=True)
-    loader = build_dali_loader(cfg, "train", train=True, device="cpu")
+    loader = build_dali_loader(config(0), "train", train=True, device="cpu")
     feed: dict[int, list[dict[str, float]]] = {0: [], 1: [], 2: []}
     for _ in range(args.rounds):
         for w in feed:
@@ -543,27 +549,31 @@ def run_datapath(args: argparse.Namespace) -> int:
             old[kind] = old_feed_rate(args.compare_rev, path, args)
     import statistics as st
 
+    settings = [int(w) for w in args.loader_feed_workers.split(",")]
+
     lines = [f"machine (at the end of the run): {machine()}",
              f"{args.samples} synthetic clips (16 frames of 224^2, 8 fps) as VP9 shards and as "
              f"frames shards (JPEG, 8 fps); train loader, batch {args.batch}, {NUM_FRAMES}x{IMG}^2 "
-             f"clips, DALI CPU with {args.threads} threads, data.feed_workers=1. {args.blocks} "
-             f"blocks per kind: a new loader reads {args.epochs} epochs back to back (its first "
-             f"batch untimed), against the mean of decode-only runs ({args.seconds:g} s) just "
-             "before and just after it. Feed alone: "
+             f"clips, DALI CPU with {args.threads} threads. {args.blocks} blocks per kind and "
+             f"data.feed_workers setting ({args.loader_feed_workers}; interleaved): a new loader "
+             f"reads {args.epochs} epochs back to back (its first batch untimed), against the "
+             f"mean of decode-only runs ({args.seconds:g} s) just before and just after it. "
+             "Feed alone: "
              f"{args.feed_seconds:g} s x {args.rounds} rounds per setting (median)", "",
-             "| shards | pipeline builds per loader | loader clips/s | decode-only clips/s | "
+             "| shards | data.feed_workers | pipeline builds per loader | loader clips/s | "
+             "decode-only clips/s | "
              "loader / decode-only (wall) | loader / decode-only (per CPU-s) | feed ms per batch "
              "(CPU) | decode wait ms per batch | load average after each block |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for kind, r in results.items():
-        bl = r["blocks"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (kind, r), fw in itertools.product(results.items(), settings):
+        bl = [b for b in r["blocks"] if b["feed_workers"] == fw]
         loader_rate = st.median(b["loader"] for b in bl)
         decode = st.median(b["decode"] for b in bl)
         ratio = st.median(b["loader"] / b["decode"] for b in bl)
         cpu_ratio = st.median(b["loader_per_cpu"] / b["decode_per_cpu"] for b in bl)
         builds = ", ".join(f"{b['stats']['pipeline_builds']:.0f}" for b in bl)
         lines.append(
-            f"| {kind} | {builds} | {loader_rate:.1f} | {decode:.1f} | {ratio:.3f} (blocks: "
+            f"| {kind} | {fw} | {builds} | {loader_rate:.1f} | {decode:.1f} | {ratio:.3f} (blocks: "
             + ", ".join(f"{b['loader'] / b['decode']:.3f}" for b in bl) + f") | {cpu_ratio:.3f} "
             "(blocks: " + ", ".join(f"{b['loader_per_cpu'] / b['decode_per_cpu']:.3f}"
                                     for b in bl) + ") | "
@@ -609,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="datapath: decode-only seconds before each epoch")
     p.add_argument("--feed-seconds", type=float, default=3.0,
                    help="datapath: seconds per feed-alone measurement")
+    p.add_argument("--loader-feed-workers", default="0,1",
+                   help="datapath: the data.feed_workers settings of the timed loaders")
     p.add_argument("--compare-rev", default="",
                    help="datapath: also the feed stage of the code at this git revision")
     p.add_argument("--copies", type=int, default=8,
