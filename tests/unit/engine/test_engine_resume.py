@@ -6,10 +6,8 @@ config_history.yaml."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from drive import ROOT, driver_env, drive
 from megavid_toy import ToyLoader, ToyModel
 from torch import nn
 
@@ -26,8 +25,6 @@ from megavid.engine.logging import read_metrics
 from megavid.engine.optim import build_optimizer, build_param_groups, build_scheduler, get_lr_scale
 from megavid.errors import CheckpointError
 
-ROOT = Path(__file__).resolve().parents[3]
-DRIVER = Path(__file__).resolve().parent / "trainer_driver.py"
 TINY = ["model=timesformer_tiny"]
 
 
@@ -193,20 +190,6 @@ def test_apply_optim_gives_a_fresh_schedule_fast_forwarded():
 # --------------------------------------------------------------------------------------------
 # Real DeepSpeed engines (fresh processes)
 # --------------------------------------------------------------------------------------------
-def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    return env
-
-
-def _drive(runs: list[dict]) -> list[dict]:
-    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(runs)], env=_env(), cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-
-
 SAMPLES = 64  # 8 steps per epoch at batch 8: the changed run crosses an epoch boundary
 OLD = dict(lr=1e-3, warmup=2, total=8, wd=0.05, betas=(0.9, 0.98))
 NEW = dict(lr=1e-2, warmup=2, total=12, wd=0.1, betas=(0.8, 0.95), min_ratio=0.1)
@@ -265,7 +248,7 @@ def test_resume_changes_take_effect_or_are_refused(tmp_path):
     step4 = str(tmp_path / "u" / "checkpoints" / "step_4")
     new = [f"optim.lr={NEW['lr']}", f"train.max_steps={NEW['total']}", "optim.schedule=linear",
            f"optim.min_lr_ratio={NEW['min_ratio']}", f"optim.weight_decay={NEW['wd']}", "optim.betas=[0.8,0.95]"]
-    results = _drive([
+    results = drive([
         {"overrides": base + ["run.name=u"], "overwrite": True, "task": task},  # uninterrupted
         {"overrides": base + ["run.name=v"], "resume": step4, "task": task},  # unchanged resume
         {"overrides": base + ["run.name=w"] + new, "resume": step4, "task": task},  # optim changes
@@ -357,12 +340,12 @@ def test_cli_refuses_a_changed_model_in_one_line(tmp_path):
             "model.text.num_layers=2", "model.text.fusion_layers=1", "model.text.intermediate_size=64",
             "model.proj_dim=16", "data.img_size=32", "data.num_frames=2", "data.batch_size=2",
             "data.max_text_len=16", "train.precision=fp32", "train.max_steps=1", "train.tensorboard=false"]
-    first = subprocess.run([sys.executable, "-c", _CLI, "pretrain", *over, "--overwrite"], env=_env(),
+    first = subprocess.run([sys.executable, "-c", _CLI, "pretrain", *over, "--overwrite"], env=driver_env(),
                            cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     assert (tmp_path / "m" / "checkpoints" / "step_1").is_dir()
     second = subprocess.run([sys.executable, "-c", _CLI, "pretrain", *over, "model.video.depth=2",
-                             "train.max_steps=2"], env=_env(), cwd=str(ROOT), capture_output=True, text=True,
+                             "train.max_steps=2"], env=driver_env(), cwd=str(ROOT), capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 2, (second.stdout + second.stderr)[-4000:]
     lines = second.stderr.strip().splitlines()

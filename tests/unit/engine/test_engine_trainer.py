@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,29 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from drive import DRIVER, ROOT, driver_env, drive
 from megavid_toy import ToyModel
 
 from megavid.engine.checkpoint import load_exported
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[3]
-DRIVER = Path(__file__).resolve().parent / "trainer_driver.py"
 
 
-def _env() -> dict:
-    # no MASTER_PORT: a lone process picks a free port (no clash with parallel sessions)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    return env
 
 
-def _drive(runs: list[dict]) -> list[dict]:
-    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(runs)], env=_env(), cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -49,7 +36,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
     base = [f"run.output_dir={tmp_path}", "data.batch_size=8", "train.zero_stage=2", "train.precision=bf16",
             "train.log_every=2", "optim.lr=1e-2", "optim.warmup_steps=2", "train.ckpt_every=3", "train.keep_last=2"]
-    results = _drive([
+    results = drive([
         {"overrides": base + ["run.name=a", "train.max_steps=8", "train.grad_accum=2"], "overwrite": True},
         # same run dir, more steps: resumes from step 8 (latest) and continues to 10
         {"overrides": base + ["run.name=a", "train.max_steps=10", "train.grad_accum=2"], "probe": True},
@@ -147,7 +134,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     runs = [{"overrides": [f"run.output_dir={tmp_path}", "run.name=t", "data.batch_size=8", "train.precision=fp32",
                            "train.max_steps=100000", "train.log_every=1", "train.tensorboard=false"],
              "overwrite": True, "task": {"num_samples": 64}}]
-    proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(runs)], env=_env(), cwd=str(ROOT),
+    proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(runs)], env=driver_env(), cwd=str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "t" / "metrics.jsonl"
     deadline = time.time() + 300
