@@ -12,6 +12,7 @@ import gc
 import importlib
 import logging
 import multiprocessing
+import os
 import sys
 import traceback
 from typing import Callable
@@ -128,22 +129,20 @@ def _report_unexpected(command: str, exc: BaseException) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    """The ``megavid`` program: :func:`main`, then the process exits with its code.
+    """The ``megavid`` program: :func:`main`, then the process ends with its code at once.
 
-    A job that finished ends its process group first (every rank gets here after the same
-    last collective): left to interpreter exit, gloo's threads are torn down unjoined and a
-    rank could die with "terminate called without an active exception" after a good run. A
-    failed job skips it: its peers may be gone, and exiting closes the connections. (Tests
-    call :func:`main` in one process for several jobs: DeepSpeed keeps its groups between
-    them, so only the program's end may destroy the process group.)
+    Logs and standard streams are flushed, then ``os._exit``: interpreter teardown after a
+    distributed job ran C++ destructors of gloo's threads unjoined, and a rank of a good
+    two-node run died with "terminate called without an active exception" (-6) after its
+    work was done and written (destroying the process group first did not prevent it).
+    Everything a job writes is closed by the job itself; loader workers are stopped in
+    :func:`main`. Tests call :func:`main` in their own process instead.
     """
     rc = main(argv)
-    if rc == 0:
-        import torch.distributed as tdist
-
-        if tdist.is_available() and tdist.is_initialized():
-            tdist.destroy_process_group()
-    sys.exit(rc)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def stop_child_processes(timeout: float = 5.0) -> int:
