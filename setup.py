@@ -6,13 +6,7 @@ setup(
     description="Video-language training at scale: DALI/PyAV video from webdataset shards, "
     "TimeSformer + BERT, DeepSpeed ZeRO.",
     python_requires=">=3.10",
-    packages=find_packages(include=["megavid", "megavid.*"]) + ["megavid.kernels"],
-    # The top-level kernels/ folder ships as megavid.kernels (its package is kernels/src) so it
-    # never clashes with another distribution's top-level `kernels` module. kernels/ itself has
-    # no __init__.py: run from a checkout (`python -m ...` puts the checkout first on sys.path),
-    # `import kernels` must still find the installed distribution of that name (Hugging Face's
-    # `kernels`, which transformers imports), not this folder.
-    package_dir={"megavid.kernels": "kernels/src"},
+    packages=find_packages(include=["megavid", "megavid.*"]),
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -25,6 +25,7 @@ from triton.runtime.jit import JITFunction
 
 from . import _triton as KT
 from . import _triton_attention as KA
+from . import _triton_spatial as KS
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,13 @@ def compile_all(arch: int = 90, dtype: str = "bf16", dim: int = 768, heads: int 
             KA._attn_bwd_kernel, f"short_attention bwd T={T}",
             dict(Q=t, K=t, V=t, O=t, DO=t, DQ=t, DK=t, DV=t, LSE=f32, MASK="i8"), meta, nw,
             arch, ("qk_scale", "sm_scale")))
-    bm, bn, bd, nw = KA._spatial_blocks(patches + 1, dh)
+    bm, bn, bd, nw = KS._spatial_blocks(patches + 1, dh)
     meta = dict(PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     reports.append(compile_kernel(
-        KA._spatial_fwd_kernel, f"spatial fwd S={patches + 1}",
+        KS._spatial_fwd_kernel, f"spatial fwd S={patches + 1}",
         dict(QKV=t, OUT=t, CLS_OUT=t, LSE=f32), meta, nw, arch, ("qk_scale",)))
     bwd_ptrs = dict(QKV=t, DOUT=t, DCLS=t, DQKV=t, LSE=f32, DELTA=f32, PCLS=f32)
-    for fn, label in ((KA._spatial_bwd_dkdv_kernel, "dkdv"), (KA._spatial_bwd_dq_kernel, "dq")):
+    for fn, label in ((KS._spatial_bwd_dkdv_kernel, "dkdv"), (KS._spatial_bwd_dq_kernel, "dq")):
         reports.append(compile_kernel(fn, f"spatial bwd {label} S={patches + 1}", bwd_ptrs, meta,
                                       nw, arch, ("qk_scale", "sm_scale")))  # fmt: skip
     return reports

@@ -1,5 +1,6 @@
-"""Token layout of divided space-time attention, shared by the torch ops (:mod:`megavid.kernels`)
-and the Triton kernels of :mod:`megavid.kernels._triton_attention`."""
+"""Token layout of divided space-time attention, shared by the torch ops
+(:mod:`megavid.kernels.attention`) and the Triton kernels
+(:mod:`megavid.kernels._triton_attention`)."""
 
 from __future__ import annotations
 
