@@ -112,18 +112,25 @@ class _SampleFailed(Exception):
         self.reason = reason
 
 
-def choose_caption(meta: dict, *, train: bool, seed: int, epoch: int, index: int) -> str:
-    """The caption a sample is trained/evaluated with (shared by every backend).
-
-    Train: one of its non-empty captions, drawn from the sample's (seed, epoch, index) "caption"
-    RNG; eval: the first. Raises _SampleFailed("no_caption") when it has none.
-    """
+def sample_captions(meta: dict) -> list[str]:
+    """A sample JSON's non-empty captions in order: ``captions`` (a list, or one string), else
+    ``caption``; [] when it has none. What training draws from and evaluation queries with."""
     captions = meta.get("captions")
     if isinstance(captions, str):
         captions = [captions]
     captions = [c for c in (captions or []) if isinstance(c, str) and c.strip()]
     if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
         captions = [meta["caption"]]
+    return captions
+
+
+def choose_caption(meta: dict, *, train: bool, seed: int, epoch: int, index: int) -> str:
+    """The caption a sample is trained/evaluated with (shared by every backend).
+
+    Train: one of its non-empty captions, drawn from the sample's (seed, epoch, index) "caption"
+    RNG; eval: the first. Raises _SampleFailed("no_caption") when it has none.
+    """
+    captions = sample_captions(meta)
     if not captions:
         raise _SampleFailed("no_caption", "the sample JSON has no non-empty caption")
     if train and len(captions) > 1:  # (one caption: the draw could only be 0)

@@ -1,7 +1,15 @@
 """Video QA metrics: open-ended accuracy per question type, multiple choice, EgoMCQ, baselines.
 
-Accuracies are percentages. Answers are compared exactly (``==``); normalising strings (case,
-whitespace, articles) is the dataset's job, so that the metric never hides a tokenisation bug.
+Accuracies are percentages. Open-ended answers are scored as MSRVTT-QA, MSVD-QA and
+ActivityNet-QA are: a prediction is right when it equals the ground-truth answer string (the
+releases' own scripts, xudejing/video-question-answering ``run_*.py`` and MILVLG/activitynet-qa
+``evaluation/eval.py``, compare with ``==``). Before comparing, both sides pass through
+:func:`normalize_answer` (lower-case, surrounding whitespace stripped, inner runs of whitespace
+collapsed to one space), the same function that builds the training answer vocabulary
+(:mod:`megavid.tasks.qa`), so ``Red`` or `` man `` score as ``red`` / ``man``. Nothing else is
+changed: the releases' answers are lower-case single words or phrases already, so articles and
+punctuation are kept (``a man`` is not ``man``, as in the benchmarks' exact match), and the
+scores on the released files equal those of their scripts.
 """
 
 from __future__ import annotations
@@ -19,6 +27,13 @@ from megavid.eval.metrics import check_scores
 EGOMCQ_TYPE_NAMES: dict[int, str] = {1: "inter", 2: "intra"}
 
 
+def normalize_answer(answer: Any) -> Any:
+    """An open-ended answer as it is scored: a string lower-cased, stripped and with every inner
+    run of whitespace collapsed to one space (``"  Red  Car "`` -> ``"red car"``); anything
+    else (an answer id, a bool) unchanged."""
+    return " ".join(answer.split()).lower() if isinstance(answer, str) else answer
+
+
 def _as_list(values: Sequence[Any] | Tensor) -> list[Any]:
     return values.tolist() if isinstance(values, Tensor) else list(values)
 
@@ -28,7 +43,8 @@ def qa_accuracy(
     answers: Sequence[Hashable] | Tensor,
     types: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Accuracy overall and per question type.
+    """Accuracy overall and per question type (string answers compared after
+    :func:`normalize_answer` on both sides).
 
     Args:
         pred: predicted answer per question (strings or answer ids).
@@ -44,7 +60,7 @@ def qa_accuracy(
         raise ValueError(f"{len(p)} predictions for {len(a)} answers")
     if not a:
         raise ValueError("qa_accuracy needs at least one question")
-    hit = [x == y for x, y in zip(p, a)]
+    hit = [normalize_answer(x) == normalize_answer(y) for x, y in zip(p, a)]
     out = {"acc": 100.0 * sum(hit) / len(hit), "num": float(len(hit))}
     if types is not None:
         t = _as_list(types)
@@ -130,6 +146,8 @@ def majority_answer_baseline(
     stronger prior: "what colour" questions get the commonest colour), and per-type accuracies
     are reported; a type unseen in training falls back to the overall majority answer. Ties in
     frequency go to the smallest answer (by ``str``), so the baseline never depends on order.
+    Training answers are counted after :func:`normalize_answer` (``Red`` and ``red`` are one
+    answer), as the test answers are scored.
 
     Args:
         train_answers: answers of the training questions.
@@ -140,7 +158,7 @@ def majority_answer_baseline(
     Returns:
         The :func:`qa_accuracy` dict of the baseline's predictions.
     """
-    train, test = _as_list(train_answers), _as_list(test_answers)
+    train, test = [normalize_answer(x) for x in _as_list(train_answers)], _as_list(test_answers)
     if not train:
         raise ValueError("majority_answer_baseline needs at least one training answer")
 

@@ -9,6 +9,9 @@ evaluated. For a DeepSpeed checkpoint (a folder of shards) the hash covers every
 
 which is exactly what ``cd DIR && find . -type f -printf '%P\\n' | LC_ALL=C sort |
 xargs sha256sum | sha256sum`` prints, so the hash can be checked without megavid.
+
+Results files are named by what was evaluated (:func:`results_path`): one file per command,
+split and checkpoint step, never replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 from collections.abc import Mapping
 from importlib import metadata
@@ -124,6 +128,54 @@ def _checkpoint_step(path: Path) -> int | None:
         return None
 
 
+def _slug(text: str) -> str:
+    """``text`` as a file-name part (a split may be a shard path)."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "_"
+
+
+def results_path(
+    run_dir: str | os.PathLike[str],
+    kind: str,
+    split: str,
+    *,
+    step: int | None,
+    weights: str | os.PathLike[str],
+    overwrite: bool = False,
+) -> Path:
+    """``<run_dir>/eval/<kind>_<split>_<tag>.json``, the results file of one evaluation.
+
+    The tag names the weights: ``step<N>`` for weights with a recorded training step (a run's
+    ``step_<N>`` checkpoint, or an exported file, which records its source step); otherwise
+    the weights' file or folder name without its suffix (``model.weights=/x/vit_l.pt``:
+    ``vit_l``), or the word given for weights without a file (``imported``: tower weights
+    only, ``random``: a random-init baseline). Every evaluation command names its files here.
+
+    Args:
+        run_dir: the run directory.
+        kind: the command's results kind ('zeroshot', 'zeroshot_cls', 'egocentric', ...).
+        split: the evaluated split.
+        step: the weights' training step (None: not recorded).
+        weights: the weights' path, or 'imported' / 'random'.
+        overwrite: replace an existing file (else refuse it).
+
+    Raises:
+        CheckpointError: the file exists and ``overwrite`` is not set (one line naming
+            --overwrite): results are never replaced silently.
+    """
+    from megavid.models.weights import WEIGHT_FILE_SUFFIXES
+
+    if step is not None:
+        tag = f"step{step}"
+    else:
+        name = Path(weights).name
+        tag = name[: -len(Path(name).suffix)] if name.endswith(WEIGHT_FILE_SUFFIXES) else name
+    out = Path(run_dir) / "eval" / f"{kind}_{_slug(split)}_{_slug(tag)}.json"
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists (these weights on split '{split}' were evaluated "
+                              "before); pass --overwrite to replace it, or another run.name")
+    return out
+
+
 def write_results(
     path: str | os.PathLike[str],
     metrics: Mapping[str, Any],
@@ -131,6 +183,7 @@ def write_results(
     checkpoint_path: str | os.PathLike[str] | None,
     *,
     step: int | None = None,
+    imported: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> dict[str, Any]:
     """Write the results JSON of one evaluation (atomically: a crash never leaves half a file).
 
@@ -139,13 +192,16 @@ def write_results(
         metrics: metric name -> value (floats, tensors, nested dicts; NaN becomes null).
         cfg_dict: the resolved config (a dict, or the Config dataclass itself).
         checkpoint_path: the checkpoint evaluated (file or DeepSpeed checkpoint folder), or
-            None for a model that was never trained (a random-init baseline): recorded as null.
+            None for a model that was never trained (a random-init baseline, or imported tower
+            weights alone): recorded as null.
         step: the checkpoint's training step; by default read from the checkpoint (its
             ``step_<N>`` tag, or the source an exported file records); null when unknown.
+        imported: for a model evaluated as the model config imports it (no training run):
+            config key -> the file or folder imported, each recorded with its sha256.
 
     Returns:
         The written document: ``{"metrics", "checkpoint": {"path", "sha256", "kind", "step"},
-        "config", "versions", "created"}``.
+        ["imported_weights": {key: {"path", "sha256"}},] "config", "versions", "created"}``.
     """
     checkpoint = None
     if checkpoint_path is not None:
@@ -156,13 +212,15 @@ def write_results(
             "kind": "directory" if ckpt.is_dir() else "file",
             "step": step if step is not None else _checkpoint_step(ckpt),
         }
-    doc = {
-        "metrics": _jsonable(dict(metrics)),
-        "checkpoint": checkpoint,
+    doc: dict[str, Any] = {"metrics": _jsonable(dict(metrics)), "checkpoint": checkpoint}
+    if imported:
+        doc["imported_weights"] = {k: {"path": str(Path(v).resolve()), "sha256": file_sha256(v)}
+                                   for k, v in imported.items()}
+    doc.update({
         "config": _jsonable(cfg_dict),
         "versions": get_software_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -172,19 +230,21 @@ def write_results(
 
 
 def verify_results(path: str | os.PathLike[str]) -> bool:
-    """Recompute the checkpoint hash recorded in a results JSON and compare.
+    """Recompute the weight hashes recorded in a results JSON and compare.
 
     Args:
         path: a file written by :func:`write_results`.
 
     Returns:
-        True when the checkpoint at the recorded path still has the recorded hash.
+        True when the checkpoint (and every imported weights file) at the recorded paths
+        still has the recorded hash.
     """
     try:
         doc = json.loads(Path(path).read_text())
-        recorded = doc["checkpoint"]
-    except (OSError, ValueError, KeyError) as e:
+        recorded = [doc["checkpoint"]] if doc["checkpoint"] else []
+        recorded += list(doc.get("imported_weights", {}).values())
+    except (OSError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{str(path)!r} is not a megavid results JSON ({e})") from e
-    if recorded is None:
+    if not recorded:
         raise CheckpointError(f"{str(path)!r} records no checkpoint (a random-init baseline)")
-    return file_sha256(recorded["path"]) == recorded["sha256"]
+    return all(file_sha256(r["path"]) == r["sha256"] for r in recorded)

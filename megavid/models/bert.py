@@ -8,17 +8,23 @@ self-attention, a cross-attention to the video tokens (VTM, MLM and QA run throu
 
 Numerically identical to ``transformers.BertModel`` (same post-LN order, erf GELU, absolute
 position and token-type embeddings); the self-attention q/k/v projections are one fused
-``qkv`` GEMM here, and ``checkpoint_filter_fn`` concatenates HF's separate ones.
+``qkv`` GEMM here, and ``checkpoint_filter_fn`` concatenates HF's separate ones. HF's pooler
+(``pooler_output``) is kept as frozen tensors (:class:`BertPooler`): imported, saved, never
+trained.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megavid.models.attention import CHECKPOINT_MODES, attention, build_layer_norm, checkpoint_part, split_heads
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +196,52 @@ class BertLayer(nn.Module):
         return self._add_norm(self.mlp_norm, self.dropout(h), x)
 
 
+class BertPooler(nn.Module):
+    """HF ``BertPooler``: ``tanh(dense(hidden of [CLS]))``, held as frozen fp32 buffers.
+
+    Buffers, not parameters: no objective uses the pooler (VTC, VTM and MLM read hidden
+    states), so it must not enter the optimizer, ZeRO's flat partitions or the parameter order
+    a resume checks, and under ZeRO-3 it stays whole on every rank (no gather to call it).
+    Being buffers, they are saved in checkpoints and exports like the weights. A cast to 16-bit
+    floats (DeepSpeed's bf16/fp16 module cast) leaves them fp32, so a bf16 run's export keeps
+    the imported pooler exactly. Zero until imported (a model trained from scratch has no
+    pooler: its output is 0), which also leaves the random init of every other weight as it
+    was before the pooler existed.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(hidden, hidden))
+        self.register_buffer("bias", torch.zeros(hidden))
+
+    def forward(self, hidden_BLH: torch.Tensor) -> torch.Tensor:
+        """[B, H] pooled output, in the dtype of ``hidden_BLH``."""
+        cls = hidden_BLH[:, 0].to(self.weight.dtype)
+        return torch.tanh(F.linear(cls, self.weight, self.bias)).to(hidden_BLH.dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "BertPooler":
+        fp32 = {n: t for n, t in self._buffers.items() if t is not None and t.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for n, t in self._buffers.items():
+            if n in fp32 and t.dtype in (torch.float16, torch.bfloat16):
+                t.data = fp32[n].to(t.device)  # the values before the cast, wherever it moved
+        return self
+
+
+def _fill_absent_pooler(module: "BertTextFusion", state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: a state dict without the pooler (a checkpoint written before
+    megavid kept it) keeps the module's current pooler, and says so; everything else loads
+    as strictly as before (DeepSpeed resume, ``load_state_dict(strict=True)``)."""
+    absent = [prefix + k for k in POOLER_KEYS if prefix + k not in state_dict]
+    if not absent:
+        return
+    log.info("%s not in the checkpoint (written before megavid kept the BERT pooler): kept at "
+             "its current values", ", ".join(absent))
+    current = module.pooler.state_dict()
+    for k in POOLER_KEYS:
+        state_dict.setdefault(prefix + k, current[k.removeprefix("pooler.")])
+
+
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
@@ -247,9 +299,11 @@ class BertTextFusion(nn.Module):
             )
             for i in range(num_layers)
         )
+        self.pooler = BertPooler(hidden_size)
         self.grad_checkpointing = 0
         self.grad_checkpointing_mode = "full"
         init_weights(self)
+        self.register_load_state_dict_pre_hook(_fill_absent_pooler)
 
     def set_grad_checkpointing(self, every_n: int = 1, mode: str = "full") -> None:
         """Recompute (part of) every ``every_n``-th layer in backward (0: off); non-reentrant.
@@ -305,6 +359,15 @@ class BertTextFusion(nn.Module):
             x = layer(x, attention_mask_BL, video_BSE, video_mask_BS)
         return x
 
+    def pooler_output(self, hidden_BLH: torch.Tensor) -> torch.Tensor:
+        """HF ``BertModel``'s ``pooler_output`` of hidden states: [B, H] (frozen; no objective
+        uses it).
+
+        Args:
+            hidden_BLH: hidden states whose first token is [CLS], e.g. :meth:`forward_text`'s.
+        """
+        return self.pooler(hidden_BLH)
+
     def forward(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None,
         video_BSE: torch.Tensor | None = None,
@@ -346,17 +409,20 @@ _LAYER_MAP = {
     "output.dense": "fc2",
     "output.LayerNorm": "mlp_norm",
 }
-# HF keys with no counterpart here: the pooler (unused by VTC/VTM, which read the cls hidden
-# state) and non-persistent buffers some checkpoints still carry.
-BERT_IGNORED_PREFIXES = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids", "cls.")
+# HF keys with no counterpart here: non-persistent buffers some checkpoints still carry, and
+# the MLM head of BertForPreTraining (converted by the callers that have one).
+BERT_IGNORED_PREFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "cls.")
+POOLER_KEYS = ("pooler.weight", "pooler.bias")
+"""Our pooler's keys (HF ``pooler.dense.*``); absent from BLIP-style text encoders (built
+without a pooling layer) and from megavid checkpoints written before it was kept."""
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: BertTextFusion | None = None) -> dict[str, torch.Tensor]:
     """Convert an HF ``BertModel`` (or BLIP/ALPRO ``text_encoder``) state dict to our keys.
 
     Separate query/key/value projections are concatenated into ``qkv`` (self-attention) and
-    key/value into ``kv`` (cross-attention); a ``bert.`` prefix is removed; the pooler and
-    position-id buffers are dropped (see ``BERT_IGNORED_PREFIXES``).
+    key/value into ``kv`` (cross-attention); a ``bert.`` prefix is removed; ``pooler.dense``
+    becomes ``pooler``; position-id buffers are dropped (see ``BERT_IGNORED_PREFIXES``).
 
     Args:
         state_dict: HF-format tensors.
@@ -368,6 +434,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: BertTextFusion | Non
     for k, v in sd.items():
         if k.startswith("embeddings."):
             out[k.replace("embeddings.LayerNorm.", "embeddings.norm.")] = v
+        elif k.startswith("pooler.dense."):
+            out[k.replace("pooler.dense.", "pooler.")] = v
         elif k.startswith("encoder.layer."):
             idx, rest = k[len("encoder.layer."):].split(".", 1)
             name, leaf = rest.rsplit(".", 1)

@@ -12,12 +12,19 @@ tensors are converted to our keys by the family's ``checkpoint_filter_fn``, then
 
 Whatever is tolerated is returned in a :class:`LoadReport` and logged; nothing ever falls back
 to random initialisation silently.
+
+``model.text_weights`` / ``model.video_weights`` (and ``data.tokenizer``) may also be Hugging
+Face model names (``bert-base-uncased``, ``org/name``; for the video tower a timm name such as
+``vit_base_patch16_224.augreg_in21k`` too): :func:`resolve_weights` finds them in the Hugging
+Face cache (huggingface_hub's own lookup), downloading them unless ``HF_HUB_OFFLINE`` /
+``TRANSFORMERS_OFFLINE`` is set. A path that exists is always a path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from megavid.errors import CheckpointError
+from megavid.errors import CheckpointError, MegavidError
 
 log = logging.getLogger(__name__)
 
-# Files looked for, in order, when a folder is given (HF layout).
+# Files looked for, in order, when a folder is given (HF layout); the first two are what a
+# Hugging Face model repository holds.
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 # Wrappers some trainers put around the tensors.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
@@ -43,7 +51,7 @@ class LoadReport:
         loaded: keys copied into the module.
         missing: module keys the checkpoint did not provide (left at their init).
         unexpected: checkpoint keys the module has no place for (ignored).
-        ignored: checkpoint keys dropped on purpose (momentum encoders, queues, poolers).
+        ignored: checkpoint keys dropped on purpose (momentum encoders, queues, MLM heads).
     """
 
     source: str
@@ -68,6 +76,132 @@ _NAMED = 6  # keys named in a message; the rest are counted
 
 def _short(keys: list[str], n: int = _NAMED) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Names on the Hugging Face Hub
+# --------------------------------------------------------------------------------------------
+# `name` or `org/name` (the Hub's repository ids; timm names have dots); a value ending like a
+# weights file is a path that is missing, not a name.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl")
+"""Suffixes of weights files."""
+
+
+def is_hub_name(value: str) -> bool:
+    """Whether a config value that is not an existing path reads as a Hub model name."""
+    return (not Path(value).expanduser().exists() and _HUB_NAME.fullmatch(value) is not None
+            and not value.endswith(WEIGHT_FILE_SUFFIXES))
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set (read now, not at import)."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    huggingface_hub's default (read now: huggingface_hub reads the environment once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_fetch(
+    repo_id: str,
+    filenames: tuple[str, ...],
+    *,
+    key: str,
+    value: str,
+    snapshot: bool = False,
+    error: type[MegavidError] = CheckpointError,
+) -> Path:
+    """Files of a Hub model repository from the Hugging Face cache, downloaded when not offline.
+
+    Args:
+        repo_id: the repository (``org/name`` or ``name``).
+        filenames: alternatives, in order of preference (``snapshot=False``: the first one the
+            repository has is returned), or the files to fetch together (``snapshot=True``:
+            the snapshot folder holding them is returned).
+        key: the config key that named it, for messages.
+        value: the value the user gave (a timm name differs from its repository).
+        snapshot: fetch every one of ``filenames`` present and return their folder.
+        error: the error class to raise.
+
+    Raises:
+        error: one line naming the fix (fetch it on a machine with network, or a local path).
+    """
+    import huggingface_hub as hub
+    from huggingface_hub import errors as hub_errors
+
+    offline, cache = hub_offline(), hub_cache_dir()
+    where = f"{key}={value!r}" + (f" (Hugging Face repository {repo_id})" if repo_id != value else "")
+    absent = 0  # alternatives the repository itself does not have
+    try:
+        if snapshot:
+            return Path(hub.snapshot_download(repo_id, allow_patterns=list(filenames), cache_dir=cache,
+                                              local_files_only=offline))
+        for name in filenames:
+            try:
+                return Path(hub.hf_hub_download(repo_id, name, cache_dir=cache, local_files_only=offline))
+            except hub_errors.LocalEntryNotFoundError:
+                continue  # not cached, and offline or no network: another one may be cached
+            except hub_errors.EntryNotFoundError:
+                absent += 1
+    except hub_errors.RepositoryNotFoundError:  # also a gated or private repository
+        raise error(f"{where} is not a file and not a Hugging Face model that can be fetched "
+                    "(no such repository, or a gated one: log in with `hf auth login`); check "
+                    "the name, or pass a local folder") from None
+    except hub_errors.HFValidationError as e:
+        raise error(f"{where} is not a file and not a valid Hugging Face model name "
+                    f"({str(e).splitlines()[0]}); pass a local path") from None
+    except (hub_errors.LocalEntryNotFoundError, OSError):
+        pass  # not cached, and offline or no network (or the cache is unreadable)
+    if absent == len(filenames):
+        raise error(f"{where}: the Hugging Face repository has none of {', '.join(filenames)}; "
+                    "download its weights file yourself and pass its path")
+    how = "unset HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE" if offline else "check the network"
+    raise error(f"{where} is not a file and not in the Hugging Face cache (HF_HUB_CACHE={cache}); "
+                f"fetch it on a machine with network: hf download {repo_id} (or {how}), "
+                "or pass a local folder")
+
+
+def timm_hub_repo(name: str) -> str | None:
+    """The Hugging Face repository timm loads a pretrained model name's weights from
+    (``vit_base_patch16_224.augreg_in21k`` -> ``timm/vit_base_patch16_224.augreg_in21k``);
+    None when timm does not know the name or keeps its weights elsewhere."""
+    if "/" in name:
+        return None
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError:
+        return None
+    cfg = get_pretrained_cfg(name)
+    return cfg.hf_hub_id.split("@")[0] if cfg is not None and cfg.hf_hub_id else None
+
+
+def resolve_weights(value: str, key: str, *, timm_names: bool = False) -> Path:
+    """The weights a config value names: a path that exists (always a path), else a Hugging
+    Face model name fetched into (or found in) the Hugging Face cache.
+
+    Args:
+        value: the config value.
+        key: the config key, for messages (``model.text_weights``).
+        timm_names: also take timm model names (``vit_base_patch16_224.augreg_in21k``: the
+            ``timm/`` repository timm itself would load).
+
+    Returns:
+        The path, or the cached weights file (``model.safetensors`` or ``pytorch_model.bin``).
+    """
+    if not is_hub_name(value):
+        return Path(value).expanduser()
+    repo = (timm_hub_repo(value) if timm_names else None) or value
+    return hub_fetch(repo, _FOLDER_FILES[:2], key=key, value=value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,20 +315,21 @@ def load_bert_into(
     """Load an HF ``BertModel`` checkpoint (bert-base-uncased format) into the text tower.
 
     The cross-attention of fusion layers is new by design when the checkpoint is a plain BERT:
-    it may be missing (reported, kept at init). Everything else must match.
+    it may be missing (reported, kept at init), and so may the pooler (BertModel built without
+    a pooling layer, BLIP-style). Everything else must match.
 
     Args:
         text_encoder: a :class:`~megavid.models.bert.BertTextFusion`.
         path_or_state: folder / ``.safetensors`` / ``.bin`` file, or HF-format tensors.
         strict: raise on checkpoint tensors the model has no place for (e.g. extra layers).
     """
-    from megavid.models.bert import BERT_IGNORED_PREFIXES, checkpoint_filter_fn
+    from megavid.models.bert import BERT_IGNORED_PREFIXES, POOLER_KEYS, checkpoint_filter_fn
 
     sd, source = _source(path_or_state)
     ignored = [k for k in sd if k.removeprefix("bert.").startswith(BERT_IGNORED_PREFIXES)]
     return load_converted(
         text_encoder, checkpoint_filter_fn(sd, text_encoder), source=source,
-        allow_missing=_cross_prefixes(text_encoder), strict=strict, ignored=ignored,
+        allow_missing=_cross_prefixes(text_encoder) + POOLER_KEYS, strict=strict, ignored=ignored,
     )
 
 
@@ -334,6 +469,20 @@ class _NoMomentum:
         return getattr(self._model, name)
 
 
+def read_blip_alpro(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` when it is a BLIP/ALPRO pretraining checkpoint (keys under
+    ``visual_encoder.`` and ``text_encoder.``), else None (a megavid checkpoint or export, or a
+    DeepSpeed folder, which :func:`megavid.tasks.base.load_model_weights` reads)."""
+    p = Path(path)
+    if p.is_dir() and not any((p / name).is_file() for name in _FOLDER_FILES):
+        return None  # a run directory or DeepSpeed checkpoint folder
+    sd = read_state_dict(p)
+    keys = list(sd)
+    if any(k.startswith("visual_encoder.") for k in keys) and any(k.startswith("text_encoder.") for k in keys):
+        return sd
+    return None
+
+
 def load_blip_alpro_into(
     model: nn.Module, path_or_state: str | os.PathLike | dict[str, torch.Tensor], *, strict: bool = True
 ) -> LoadReport:
@@ -344,9 +493,13 @@ def load_blip_alpro_into(
         path_or_state: checkpoint file or tensors.
         strict: raise on unexpected tensors.
     """
+    from megavid.models.bert import POOLER_KEYS
+
     sd, source = _source(path_or_state)
     converted, ignored = convert_blip_alpro(sd, model)
-    allow: tuple[str, ...] = ("qa_head.",)
+    # BLIP/ALPRO text encoders are built without BERT's pooling layer
+    allow: tuple[str, ...] = ("qa_head.", *(f"{tower}.{k}" for tower in ("text_encoder", "text_encoder_m")
+                                            for k in POOLER_KEYS))
     momentum_missing = getattr(model, "momentum", 0.0) > 0 and not any(k.startswith(_BLIP_MOMENTUM) for k in sd)
     if getattr(model, "momentum", 0.0) > 0:
         # queues are transient training state; ALPRO checkpoints have no momentum towers at all

@@ -19,7 +19,7 @@ resuming needs.
 
 Image samples hold ``{key}.jpg|.jpeg|.png`` (:data:`IMAGE_EXTS`) instead of a video member.
 
-Frames shards (``make-shards --shard-format frames``; ``megavid/shards/FRAMES.md``) store a
+Frames shards (``make-shards --shard-format frames``; ``docs/data.md``) store a
 clip as JPEG frames, for DALI's (hardware) JPEG decoder; sample ``key`` of a tar holds::
 
     key.0000.jpg  key.0001.jpg  ...  key.NNNN.jpg   one JPEG per stored frame, in time order

@@ -9,18 +9,34 @@ grouped by video and window), which fixes the sample order of the shards. Suppor
 - ``jsonl``: one object per line with ``video`` and ``caption`` or ``captions`` (optional
   ``key``, ``start``, ``end``, ``qa``, ``label``, ``labels``); a JSON list of the same objects
   is read by ``json``.
-- ``msrvtt``: the MSR-VTT ``videodatainfo`` JSON (``videos`` + ``sentences``), ``--split``
-  selects one split.
+- ``msrvtt``: MSR-VTT's ``MSRVTT_data.json`` / ``videodatainfo.json`` (``videos``: ``video_id``,
+  ``split`` train/validate/test; ``sentences``: ``video_id``, ``caption``, ``sen_id``): one sample
+  per video with all its sentences; ``--split`` keeps one split (the official 6513/497/2990).
+  ``--split-file`` keeps the videos of a released split file instead: ``MSRVTT_train.9k.csv``
+  (a ``video_id`` column; the sentences from the JSON) or ``MSRVTT_JSFUSION_test.csv``
+  (``key,vid_key,video_id,sentence``: the 1k-A test, one sample per video whose caption is the
+  file's sentence, the 1k-A query). The JSFUSION file carries its own text, so it may also be
+  the ``--annotations`` file alone. Videos are ``<video_id>.mp4`` (found anywhere under
+  ``--videos``: ``MSRVTT/videos/all`` or the ``TrainValVideo``/``TestVideo`` folders).
+- ``webvid``: WebVid's ``results_2M_train.csv`` / ``results_2M_val.csv`` / ``results_10M_*.csv``
+  (``videoid, contentUrl, duration, page_dir, name``) read unchanged: key ``videoid``, caption
+  ``name``, video ``{page_dir}/{videoid}.mp4`` under ``--videos`` (see
+  :func:`~megavid.shards.ingest.retrieval_annotations.read_webvid`). Not auto-detected: ``auto``
+  reads the file as ``csv`` (video ``videoid``, caption ``name``, keyed by the video path).
 - ``didemo``: DiDeMo moments (``video``, ``description``, ``times`` in 5 s units): one
   paragraph sample per video, the moments kept as ``segments`` metadata.
 - ``activitynet``: ActivityNet Captions (``{video: {duration, timestamps, sentences}}``):
   one paragraph sample per video with ``segments``.
-- ``egoclip``: EgoClip narrations (TSV: ``video_uid``, ``clip_start``, ``clip_end``,
-  ``clip_text``, ``narration_ind``): one sample per narration, the clip window stored as
-  ``start``/``end`` (the loader samples inside it; the video is not cut).
+- ``egoclip``: EgoClip narrations (EgoVLP's ``egoclip.csv``, tab-separated: ``video_uid``,
+  ``clip_start``, ``clip_end``, ``clip_text``, ``narration_ind``): one sample per narration, the
+  clip window stored as ``start``/``end`` (the loader samples inside it; the video is not cut).
 - ``qa``: question-answer JSON list (``video``/``video_id``, ``question``, ``answer``,
   optional ``type``/``choices``/``caption``) grouped per video; the caption defaults to the
   question + answer text.
+- ``msrvtt_qa`` / ``msvd_qa`` / ``activitynet_qa``: the video QA releases read unchanged
+  (MSRVTT-QA ``*_qa.json``, MSVD-QA ``*_qa.json`` + ``youtube_mapping.txt``, ActivityNet-QA
+  ``{split}_q.json`` + ``{split}_a.json``): question types and question ids kept, see
+  :mod:`megavid.shards.ingest.qa_annotations`.
 - ``queryd``: QuerYD as released with the collaborative-experts features
   (``structured-symlinks/raw_captions_combined_filtered-v2.pkl``: ``{video_id: [[token, ...],
   ...]}``, one token list per description sentence; the same mapping as JSON is accepted, and
@@ -54,27 +70,59 @@ grouped by video and window), which fixes the sample order of the shards. Suppor
 - ``multilabel``: ``path,l1;l2`` CSV (or ``path,l1,l2,...``) and ``path l1 l2 ...`` lines: the
   sample JSON gets ``labels`` (a list; ints where the file writes numbers).
 
-Official layouts followed: QuerYD as repackaged by github.com/albanie/collaborative-experts
+Official layouts followed: MSR-VTT as packaged by github.com/ArrowLuo/CLIP4Clip
+(``msrvtt_data.zip``: ``MSRVTT_data.json``, ``MSRVTT_train.9k.csv``, ``MSRVTT_JSFUSION_test.csv``,
+the files its ``dataloader_msrvtt_retrieval.py`` reads) with the videos of
+github.com/m-bain/frozen-in-time's ``MSRVTT.zip`` (``videos/all/<video_id>.mp4``); WebVid's
+``results_*.csv`` as Frozen-in-Time's ``data_loader/WebVid_dataset.py`` and video2dataset's
+WebVid example read them; QuerYD as repackaged by github.com/albanie/collaborative-experts
 (the QuerYD release, robots.ox.ac.uk/~vgg/data/queryd); github.com/m-bain/CondensedMovies
 (``metadata/``); github.com/epic-kitchens/epic-kitchens-100-annotations; Charades-Ego v1
 (prior.allenai.org/projects/charades-ego, ``CharadesEgo.zip``); mmaction2's Kinetics video
 lists and UCF-101's ``ucfTrainTestlist``.
 
 Classification jobs read ``label``/``labels`` (``task.cls.label_field``), so these formats write
-exactly those fields. ``--path-template`` (csv/tsv, classification CSVs) builds the video path
-from a row's columns with :meth:`str.format`, e.g. WebVid's ``{page_dir}/{videoid}.mp4``.
+exactly those fields.
+
+Options per format (:data:`OPTION_FORMATS`; an option given to a format it does not serve is
+refused with one line, never ignored). ``--path-template`` builds the video path from an
+entry's columns with :meth:`str.format` (``{page_dir}/{videoid}.mp4``), so it serves the formats
+whose entries are rows or objects with named fields; the others name their videos by id in a
+structure without such columns:
+
+=====================================  ===============  =========================================
+format                                 --path-template  --split / --split-file
+=====================================  ===============  =========================================
+csv, tsv                               yes              no
+jsonl, json (an object's fields)       yes              no
+msrvtt                                 no (by id)       --split train|validate|test; --split-file
+webvid                                 yes (default     no
+                                       ``{page_dir}/
+                                       {videoid}.mp4``)
+didemo, activitynet                    no (by id)       no
+egoclip                                yes              no
+qa                                     no               no
+msrvtt_qa, msvd_qa, activitynet_qa     yes              no
+queryd                                 no (by id)       --split (``<split>_list.txt``)
+condensed_movies, epic_kitchens,       yes              no
+charades_ego
+classification, multilabel             yes (a CSV with  no
+                                       a header row)
+=====================================  ===============  =========================================
 
 Problems with the whole file (missing, unreadable, not the declared format, a mapped column
-that does not exist) raise :class:`DataError` before any video is touched; problems with a
-single record (no caption, a caption that is not text) are kept on the record as ``error``
-so that make-shards counts them with the other failures.
+that does not exist, an unknown ``--split``) raise :class:`DataError` before any video is
+touched; problems with a single entry (no caption, a caption that is not text, an entry
+missing a field such as an MSR-VTT sentence without ``caption``) are kept on a record as
+``error`` with a ``detail`` naming the entry and the field, so that make-shards counts and
+reports them with the other failures (reason ``missing_field`` for an entry that lacks a field
+the format needs).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,6 +135,13 @@ from megavid.shards.ingest.dataset_annotations import (
     read_label_list,
     read_queryd,
 )
+from megavid.shards.ingest.qa_annotations import (
+    detect_released_qa,
+    qa_sample,
+    read_activitynet_qa,
+    read_msrvtt_qa,
+    read_msvd_qa,
+)
 from megavid.shards.ingest.records import (
     _CAPTION_COLS,
     _VIDEO_COLS,
@@ -96,13 +151,32 @@ from megavid.shards.ingest.records import (
     _group,
     _load_json,
     _read_text,
-    apply_path_template,
     check_path_template,
+    missing_field,
+    row_video,
+)
+from megavid.shards.ingest.retrieval_annotations import (
+    read_activitynet,
+    read_didemo,
+    read_egoclip,
+    read_msrvtt,
+    read_webvid,
 )
 
-FORMATS = ("csv", "tsv", "jsonl", "json", "msrvtt", "didemo", "activitynet", "egoclip", "qa",
+FORMATS = ("csv", "tsv", "jsonl", "json", "msrvtt", "webvid", "didemo", "activitynet", "egoclip",
+           "qa", "msrvtt_qa", "msvd_qa", "activitynet_qa",
            "queryd", "condensed_movies", "epic_kitchens", "charades_ego", "classification",
            "multilabel")
+
+OPTION_FORMATS: dict[str, tuple[str, ...]] = {
+    "path_template": ("csv", "tsv", "jsonl", "json", "webvid", "egoclip", "msrvtt_qa", "msvd_qa",
+                      "activitynet_qa", "condensed_movies", "epic_kitchens", "charades_ego",
+                      "classification", "multilabel"),
+    "split": ("msrvtt", "queryd"),
+    "split_file": ("msrvtt",),
+}
+"""The formats each reader option serves (the table of the module doc); make-shards refuses an
+option given to any other format rather than ignore it."""
 
 
 def read_table(path: Path, *, delimiter: str, video_col: str | None = None,
@@ -141,29 +215,37 @@ def read_table(path: Path, *, delimiter: str, video_col: str | None = None,
     records = []
     for i, row in enumerate(reader, start=2):
         where = f"{path}:{i}"
+        key = (row.get(kcol) or "").strip() if kcol else ""
+        video, gap = row_video(row, where, path_template, vcol)
+        entry = f"{path.name}:{i}" + (f" ({key or video})" if key or video else "")
+        if gap:
+            records.append(missing_field(video, entry, gap))
+            continue
         records.append(_check_captions(Record(
-            video=apply_path_template(path_template, row, (row.get(vcol) or "").strip() if vcol else "", where),
+            video=video,
             captions=[row.get(ccol)],
-            key=(row.get(kcol) or "").strip() if kcol else "",
+            key=key,
             start=_float_or_none(row.get(scol), where) if scol else None,
             end=_float_or_none(row.get(ecol), where) if ecol else None,
             line=i,
-        )))
+        ), entry, ccol))
     return _group(records)
 
 
-def _from_obj(obj: Any, where: str, line: int) -> Record:
+def _from_obj(obj: Any, where: str, line: int, path_template: str | None = None) -> Record:
+    """One JSON sample object; ``where`` names it (``a.jsonl:3``) in errors and failure details."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object per sample, got {type(obj).__name__}")
     video = obj.get("video", obj.get("video_id", obj.get("video_path", obj.get("path"))))
-    if not isinstance(video, str) or not video:
+    entry = f"{Path(where).name} ({obj.get('key') or video})" if obj.get("key") or video else Path(where).name
+    if path_template:
+        video, gap = row_video(obj, where, path_template)
+        if gap:
+            return missing_field(video, entry, gap)
+    elif not isinstance(video, str) or not video:
         raise DataError(f"{where}: no 'video' field (the video file or id); fix the annotation")
-    if "captions" in obj:
-        caps = obj["captions"]
-    elif "caption" in obj:
-        caps = obj["caption"]
-    else:
-        caps = obj.get("text", obj.get("sentence", []))
+    field = next((f for f in ("captions", "caption", "text", "sentence") if f in obj), "caption")
+    caps = obj.get(field, [])
     extra = {k: obj[k] for k in ("qa", "label", "labels", "type", "split", "segments") if k in obj}
     return _check_captions(Record(
         video=video,
@@ -173,10 +255,10 @@ def _from_obj(obj: Any, where: str, line: int) -> Record:
         end=_float_or_none(obj.get("end"), where),
         extra=extra,
         line=line,
-    ))
+    ), entry, field)
 
 
-def read_jsonl(path: Path) -> list[Record]:
+def read_jsonl(path: Path, path_template: str | None = None) -> list[Record]:
     records = []
     for i, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -185,115 +267,20 @@ def read_jsonl(path: Path) -> list[Record]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i} is not valid JSON ({e}); check --format") from e
-        records.append(_from_obj(obj, f"{path}:{i}", i))
+        records.append(_from_obj(obj, f"{path}:{i}", i, path_template))
     return _group(records)
 
 
-def read_json_list(path: Path) -> list[Record]:
+def read_json_list(path: Path, path_template: str | None = None) -> list[Record]:
     data = _load_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of samples; check --format")
-    return _group([_from_obj(o, f"{path}[{i}]", i + 1) for i, o in enumerate(data)])
-
-
-def read_msrvtt(path: Path, split: str | None = None) -> list[Record]:
-    """MSR-VTT ``videodatainfo.json``: {"videos": [{"video_id", "split"}], "sentences": [...]}"""
-    data = _load_json(path)
-    if not isinstance(data, dict) or "sentences" not in data:
-        raise DataError(f"{path}: not an MSR-VTT file (no 'sentences'); check --format")
-    videos = data.get("videos") or [{"video_id": s["video_id"]} for s in data["sentences"]]
-    splits = {v["video_id"]: v.get("split") for v in videos}
-    caps: dict[str, list] = {}
-    for s in data["sentences"]:
-        caps.setdefault(s.get("video_id"), []).append(s.get("caption"))
-    out = []
-    for vid in dict.fromkeys(v["video_id"] for v in videos):
-        if split and splits.get(vid) != split:
-            continue
-        extra = {"split": splits[vid]} if splits.get(vid) else {}
-        out.append(_check_captions(Record(video=vid, captions=caps.get(vid, []), extra=extra)))
-    return out
-
-
-def read_didemo(path: Path) -> list[Record]:
-    """DiDeMo moments -> one paragraph sample per video (segments kept as metadata)."""
-    data = _load_json(path)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: not a DiDeMo file (expected a list of moments); check --format")
-    by_video: dict[str, list[dict]] = {}
-    for i, m in enumerate(data):
-        if not isinstance(m, dict) or "video" not in m:
-            raise DataError(f"{path}[{i}]: a DiDeMo moment needs 'video' and 'description'")
-        by_video.setdefault(m["video"], []).append(m)
-    out = []
-    for video, moments in by_video.items():
-        segments = []
-        for m in moments:
-            times = m.get("times") or [[0, 0]]
-            # DiDeMo times are 5-second segment indices; the moment is their union (mean
-            # start and end over annotators, as in the original evaluation)
-            s = sum(t[0] for t in times) / len(times) * 5.0
-            e = (sum(t[1] for t in times) / len(times) + 1) * 5.0
-            segments.append({"start": s, "end": e, "caption": m.get("description")})
-        descs = [m.get("description") for m in moments]
-        if any(not isinstance(d, str) for d in descs):
-            rec = Record(video=video, captions=[1], extra={})  # flagged as non-text below
-        else:
-            rec = Record(video=video, captions=[" ".join(d.strip() for d in descs if d.strip())],
-                         extra={"segments": segments})
-        out.append(_check_captions(rec))
-    return out
-
-
-def read_activitynet(path: Path) -> list[Record]:
-    """ActivityNet Captions ({video: {duration, timestamps, sentences}}) -> paragraphs."""
-    data = _load_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: not an ActivityNet Captions file (expected an object); check --format")
-    out = []
-    for video, ann in data.items():
-        if not isinstance(ann, dict) or "sentences" not in ann:
-            raise DataError(f"{path}: entry '{video}' has no 'sentences'; check --format")
-        sents = ann["sentences"]
-        if any(not isinstance(s, str) for s in sents):
-            out.append(_check_captions(Record(video=video, captions=[1])))
-            continue
-        segs = [{"start": float(t[0]), "end": float(t[1]), "caption": s.strip()}
-                for t, s in zip(ann.get("timestamps", []), sents)]
-        out.append(_check_captions(Record(
-            video=video, captions=[" ".join(s.strip() for s in sents if s.strip())],
-            extra={"segments": segs})))
-    return out
-
-
-def read_egoclip(path: Path) -> list[Record]:
-    """EgoClip narrations: one windowed sample per narration (``#C`` markers removed)."""
-    text = _read_text(path)
-    first = text.split("\n", 1)[0]
-    delim = "\t" if "\t" in first else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delim)
-    need = {"video_uid", "clip_start", "clip_end", "clip_text"}
-    missing = need - set(reader.fieldnames or [])
-    if missing:
-        raise DataError(f"{path}: not an EgoClip file (missing columns {', '.join(sorted(missing))}); check --format")
-    out = []
-    for i, row in enumerate(reader, start=2):
-        where = f"{path}:{i}"
-        caption = re.sub(r"^\s*#\w+\s*", "", row["clip_text"] or "")
-        ind = row.get("narration_ind") or str(i)
-        out.append(_check_captions(Record(
-            video=row["video_uid"],
-            captions=[caption],
-            key=f"{row['video_uid']}_{ind}",
-            start=_float_or_none(row["clip_start"], where),
-            end=_float_or_none(row["clip_end"], where),
-            line=i,
-        )))
-    return out
+    return _group([_from_obj(o, f"{path}[{i}]", i + 1, path_template) for i, o in enumerate(data)])
 
 
 def read_qa(path: Path) -> list[Record]:
-    """A QA JSON list -> one sample per video holding all its QA pairs."""
+    """A QA JSON list -> one sample per video holding all its QA pairs (``choices`` and a
+    question id ``qid`` kept when given)."""
     data = _load_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of QA pairs; check --format")
@@ -305,12 +292,8 @@ def read_qa(path: Path) -> list[Record]:
         if not isinstance(video, str) and not isinstance(video, int):
             raise DataError(f"{path}[{i}]: no 'video'/'video_id'")
         qa = {"question": q["question"], "answer": q["answer"], "type": q.get("type", "open")}
-        if "choices" in q:
-            qa["choices"] = q["choices"]
-        caption = q.get("caption")
-        if caption is None and isinstance(q["question"], str) and isinstance(q["answer"], str):
-            caption = f"{q['question'].rstrip('?').strip()}? {q['answer']}"
-        recs.append(_check_captions(Record(video=str(video), captions=[caption], extra={"qa": [qa]}, line=i + 1)))
+        qa.update({k: q[k] for k in ("choices", "qid") if k in q})
+        recs.append(qa_sample(str(video), qa, i + 1, q.get("caption")))
     return _group(recs)
 
 
@@ -318,13 +301,18 @@ def detect_format(path: Path) -> str:
     """Guess the format from the extension and (for JSON) the top-level shape."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        head = {c.strip() for c in next(csv.reader([_read_text(path).split("\n", 1)[0]]), [])}
+        first = _read_text(path).split("\n", 1)[0]
+        if "\t" in first and "clip_text" in first and "video_uid" in first:
+            return "egoclip"  # EgoVLP's egoclip.csv is tab-separated
+        head = {c.strip() for c in next(csv.reader([first]), [])}
         if _EK100_COLS <= head:
             return "epic_kitchens"
         if {"id", "actions", "descriptions", "script"} <= head:
             return "charades_ego"
         if "videoid" in head and "description" in head:
             return "condensed_movies"
+        if head == {"video_id"} or {"vid_key", "video_id", "sentence"} <= head:
+            return "msrvtt"  # MSRVTT_train.9k.csv / MSRVTT_JSFUSION_test.csv
         return "csv"
     if suffix in (".pkl", ".pickle"):
         return "queryd"
@@ -343,6 +331,9 @@ def detect_format(path: Path) -> str:
         if isinstance(data, list) and data and isinstance(data[0], dict):
             if "description" in data[0] and "times" in data[0]:
                 return "didemo"
+            released_qa = detect_released_qa(path, data[0])
+            if released_qa:
+                return released_qa
             if "question" in data[0]:
                 return "qa"
             return "json"
@@ -355,34 +346,45 @@ def read_annotations(path: str | Path, fmt: str = "auto", **options: Any) -> lis
     Args:
         path: the annotation file.
         fmt: one of :data:`FORMATS` or ``auto``.
-        **options: ``video_col``, ``caption_col``, ``key_col``, ``start_col``, ``end_col``,
-            ``path_template`` (csv/tsv; the template also for classification CSVs) and
-            ``split`` (msrvtt, queryd).
+        **options: ``video_col``, ``caption_col``, ``key_col``, ``start_col``, ``end_col``
+            (csv/tsv), and ``path_template``, ``split``, ``split_file`` for the formats of
+            :data:`OPTION_FORMATS`.
 
     Raises:
-        DataError: the file is missing, unreadable, or not in the format.
+        DataError: the file is missing, unreadable, or not in the format, or an option is
+            given to a format it does not apply to.
     """
     path = Path(path)
-    if fmt == "auto":
+    detected = fmt == "auto"
+    if detected:
         fmt = detect_format(path)
+    for opt, fmts in OPTION_FORMATS.items():
+        if options.get(opt) and fmt in FORMATS and fmt not in fmts:
+            flag = "--" + opt.replace("_", "-")
+            raise DataError(f"{flag} does not apply to --format {fmt}"
+                            + (f" (detected from {path.name})" if detected else "")
+                            + f"; it serves: {', '.join(fmts)}")
+    template = options.get("path_template")
     readers: dict[str, Callable[[], list[Record]]] = {
         "csv": lambda: read_table(path, delimiter=",", **_table_opts(options)),
         "tsv": lambda: read_table(path, delimiter="\t", **_table_opts(options)),
-        "jsonl": lambda: read_jsonl(path),
-        "json": lambda: read_json_list(path),
-        "msrvtt": lambda: read_msrvtt(path, options.get("split")),
+        "jsonl": lambda: read_jsonl(path, template),
+        "json": lambda: read_json_list(path, template),
+        "msrvtt": lambda: read_msrvtt(path, options.get("split"), options.get("split_file")),
+        "webvid": lambda: read_webvid(path, template),
         "didemo": lambda: read_didemo(path),
         "activitynet": lambda: read_activitynet(path),
-        "egoclip": lambda: read_egoclip(path),
+        "egoclip": lambda: read_egoclip(path, template),
         "qa": lambda: read_qa(path),
+        "msrvtt_qa": lambda: read_msrvtt_qa(path, template),
+        "msvd_qa": lambda: read_msvd_qa(path, template),
+        "activitynet_qa": lambda: read_activitynet_qa(path, template),
         "queryd": lambda: read_queryd(path, options.get("split")),
-        "condensed_movies": lambda: read_condensed_movies(path),
-        "epic_kitchens": lambda: read_epic_kitchens(path),
-        "charades_ego": lambda: read_charades_ego(path),
-        "classification": lambda: read_label_list(path, multilabel=False,
-                                                  path_template=options.get("path_template")),
-        "multilabel": lambda: read_label_list(path, multilabel=True,
-                                              path_template=options.get("path_template")),
+        "condensed_movies": lambda: read_condensed_movies(path, template),
+        "epic_kitchens": lambda: read_epic_kitchens(path, template),
+        "charades_ego": lambda: read_charades_ego(path, template),
+        "classification": lambda: read_label_list(path, multilabel=False, path_template=template),
+        "multilabel": lambda: read_label_list(path, multilabel=True, path_template=template),
     }
     if fmt not in readers:
         raise DataError(f"unknown annotation format '{fmt}'; use one of: auto, {', '.join(FORMATS)}")

@@ -19,9 +19,11 @@ from megavid.shards.ingest.records import (
     _check_captions,
     _float_or_none,
     _load_json,
+    _read_table_rows,
     _read_text,
-    apply_path_template,
     check_path_template,
+    missing_field,
+    row_video,
 )
 
 
@@ -31,19 +33,6 @@ class _PlainUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an annotation pickle")
-
-
-def _read_table_rows(path: Path, need: set[str], what: str) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows of a CSV (or TSV, told by a tab in the header) that must have the ``need`` columns."""
-    text = _read_text(path)
-    first = text.split("\n", 1)[0]
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if "\t" in first else ",")
-    cols = [c.strip() for c in reader.fieldnames or []]
-    missing = need - set(cols)
-    if missing:
-        raise DataError(f"{path}: not {what} (missing columns {', '.join(sorted(missing))}); check --format")
-    rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
-    return rows, cols
 
 
 def read_queryd(path: Path, split: str | None = None) -> list[Record]:
@@ -63,6 +52,10 @@ def read_queryd(path: Path, split: str | None = None) -> list[Record]:
     keep: set[str] | None = None
     if split:
         split_file = path.parent / f"{split}_list.txt"
+        if not split_file.is_file():
+            present = sorted(p.name[: -len("_list.txt")] for p in path.parent.glob("*_list.txt"))
+            raise DataError(f"QuerYD has no split '{split}' beside {path.name} (no {split_file.name}; "
+                            f"splits there: {', '.join(present) or 'none'}); pass one of them to --split")
         keep = {ln.strip() for ln in _read_text(split_file).splitlines() if ln.strip()}
     out = []
     for vid, sents in data.items():
@@ -75,20 +68,26 @@ def read_queryd(path: Path, split: str | None = None) -> list[Record]:
             else:
                 caps.append(s)  # a string, or something _check_captions rejects
         extra = {"split": split} if split else {}
-        out.append(_check_captions(Record(video=str(vid), captions=caps, extra=extra)))
+        out.append(_check_captions(Record(video=str(vid), captions=caps, extra=extra),
+                                   f"{path.name} {vid}", "sentences"))
     return out
 
 
-def read_condensed_movies(path: Path) -> list[Record]:
+def read_condensed_movies(path: Path, path_template: str | None = None) -> list[Record]:
     """Condensed Movies ``descriptions.csv``: one sample per clip (``videoid``)."""
     text_cols = ("description", "caption")
-    rows, cols = _read_table_rows(path, {"videoid"}, "a Condensed Movies metadata CSV")
+    rows, cols = _read_table_rows(path, {"videoid"}, "a Condensed Movies metadata CSV", path_template)
     tcol = next((c for c in text_cols if c in cols), None)
     if tcol is None:
         raise DataError(f"{path}: no 'description' (or 'caption') column; check --format")
     out = []
     for i, row in enumerate(rows, start=2):
         vid = (row.get("videoid") or "").strip()
+        where = f"{path.name}:{i}" + (f" ({vid})" if vid else "")
+        video, gap = row_video(row, where, path_template, "videoid")
+        if gap:
+            out.append(missing_field(vid, where, gap))
+            continue
         year = (row.get("upload_year") or "").strip()
         if year.endswith(".0"):  # pandas-written years
             year = year[:-2]
@@ -97,8 +96,8 @@ def read_condensed_movies(path: Path) -> list[Record]:
         if year:
             extra["upload_year"] = year
         out.append(_check_captions(Record(
-            video=f"{year}/{vid}" if year else vid, captions=[row.get(tcol)], key=vid,
-            extra=extra, line=i)))
+            video=f"{year}/{vid}" if year and not path_template else video, captions=[row.get(tcol)],
+            key=vid, extra=extra, line=i), where, tcol))
     return out
 
 
@@ -133,12 +132,17 @@ _EK100_COLS = {"narration_id", "participant_id", "video_id", "start_timestamp", 
                "narration", "verb", "verb_class", "noun", "noun_class"}
 
 
-def read_epic_kitchens(path: Path) -> list[Record]:
+def read_epic_kitchens(path: Path, path_template: str | None = None) -> list[Record]:
     """EPIC_100_{train,validation}.csv: one windowed sample per narration (the video is not cut)."""
-    rows, _ = _read_table_rows(path, _EK100_COLS, "an Epic-Kitchens-100 CSV")
+    rows, _ = _read_table_rows(path, _EK100_COLS, "an Epic-Kitchens-100 CSV", path_template)
     out = []
     for i, row in enumerate(rows, start=2):
         where = f"{path}:{i}"
+        entry = f"{path.name}:{i} ({row['narration_id'].strip()})"
+        video, gap = row_video(row, entry, path_template, "video_id")
+        if gap:
+            out.append(missing_field(video, entry, gap))
+            continue
         extra: dict[str, Any] = {
             "narration_id": row["narration_id"].strip(), "participant_id": row["participant_id"].strip(),
             "verb": row["verb"].strip(), "noun": row["noun"].strip(),
@@ -155,10 +159,15 @@ def read_epic_kitchens(path: Path) -> list[Record]:
             if (row.get(k) or "").strip().isdigit():
                 extra[k] = int(row[k])
         out.append(_check_captions(Record(
-            video=row["video_id"].strip(), captions=[row["narration"]], key=row["narration_id"].strip(),
+            video=video, captions=[row["narration"]], key=row["narration_id"].strip(),
             start=parse_timestamp(row["start_timestamp"], where),
-            end=parse_timestamp(row["stop_timestamp"], where), extra=extra, line=i)))
+            end=parse_timestamp(row["stop_timestamp"], where), extra=extra, line=i), entry, "narration"))
     return out
+
+
+CHARADES_CLASS_ID = re.compile(r"c\d+")
+"""A Charades class id (``c092``): in the ``actions`` of an annotation row and at the start of
+each line of the class list (``c092 Holding some clothes``)."""
 
 
 def parse_charades_actions(actions: str, where: str) -> list[tuple[str, float, float]]:
@@ -168,19 +177,25 @@ def parse_charades_actions(actions: str, where: str) -> list[tuple[str, float, f
         if not part.strip():
             continue
         fields = part.split()
-        if len(fields) != 3 or not re.fullmatch(r"c\d+", fields[0]):
+        if len(fields) != 3 or not CHARADES_CLASS_ID.fullmatch(fields[0]):
             raise DataError(f"{where}: action {part.strip()!r} is not 'cNNN start end'; fix the annotation file")
         out.append((fields[0], _float_or_none(fields[1], where) or 0.0, _float_or_none(fields[2], where) or 0.0))
     return out
 
 
-def read_charades_ego(path: Path) -> list[Record]:
+def read_charades_ego(path: Path, path_template: str | None = None) -> list[Record]:
     """CharadesEgo_v1_{train,test}.csv: one multi-label sample per video with action windows."""
-    rows, cols = _read_table_rows(path, {"id", "script", "descriptions", "actions"}, "a Charades-Ego CSV")
+    rows, cols = _read_table_rows(path, {"id", "script", "descriptions", "actions"}, "a Charades-Ego CSV",
+                                path_template)
     meta_cols = [c for c in cols if c not in ("id", "script", "descriptions", "actions", "objects")]
     out = []
     for i, row in enumerate(rows, start=2):
         where = f"{path}:{i}"
+        entry = f"{path.name}:{i}" + (f" ({row['id'].strip()})" if (row["id"] or "").strip() else "")
+        video, gap = row_video(row, entry, path_template, "id")
+        if gap:
+            out.append(missing_field(video, entry, gap))
+            continue
         actions = parse_charades_actions(row["actions"], where)
         segments = [{"start": s, "end": e, "label": int(c[1:]), "class_id": c} for c, s, e in actions]
         extra: dict[str, Any] = {"labels": sorted({int(c[1:]) for c, _, _ in actions}),
@@ -190,8 +205,8 @@ def read_charades_ego(path: Path) -> list[Record]:
             extra["objects"] = [o for o in row["objects"].split(";") if o]
         caps = [row.get("descriptions"), row.get("script")]
         out.append(_check_captions(Record(
-            video=row["id"].strip(), captions=[c for c in caps if c and c.strip()] or [None],
-            extra=extra, line=i)))
+            video=video, captions=[c for c in caps if c and c.strip()] or [None],
+            extra=extra, line=i), entry, "descriptions' or 'script"))
     return out
 
 
@@ -205,11 +220,14 @@ def read_label_list(path: Path, *, multilabel: bool, path_template: str | None =
     if not lines:
         raise DataError(f"label file '{path}' is empty; check --annotations")
     is_csv = path.suffix.lower() == ".csv" or "," in lines[0][1]
-    rows: list[tuple[int, str, list[str]]] = []  # (line, video, raw labels)
+    rows: list[tuple[int, str, list[str], str]] = []  # (line, video, raw labels, missing column)
+    table = list(csv.reader([ln for _, ln in lines])) if is_csv else []
+    header = [h.strip().lower() for h in table[0]] if table else []
+    lcol = next((c for c in ("labels", "label") if c in header), None)
+    if path_template and lcol is None:
+        raise DataError(f"--path-template reads named columns; {path} has no header row naming them "
+                        "(a CSV whose header has 'label'/'labels'): drop --path-template")
     if is_csv:
-        table = list(csv.reader([ln for _, ln in lines]))
-        header = [h.strip().lower() for h in table[0]]
-        lcol = next((c for c in ("labels", "label") if c in header), None)
         vcol = next((c for c in _LABEL_HEADER_VIDEO if c in header), None)
         if lcol is not None:
             if vcol is None and not path_template:
@@ -221,16 +239,15 @@ def read_label_list(path: Path, *, multilabel: bool, path_template: str | None =
             i_l = header.index(lcol)
             for (line, _), r in zip(lines[1:], table[1:]):
                 row = dict(zip(table[0], r))
-                video = apply_path_template(path_template, row, r[i_v].strip() if 0 <= i_v < len(r) else "",
-                                            f"{path}:{line}")
+                video, gap = row_video(row, f"{path}:{line}", path_template, table[0][i_v] if vcol else None)
                 raw = r[i_l] if i_l < len(r) else ""
-                rows.append((line, video, re.split(r"[;|]", raw) if multilabel else [raw]))
+                rows.append((line, video, re.split(r"[;|]", raw) if multilabel else [raw], gap))
         else:
             for (line, _), r in zip(lines, table):
                 raw = r[1:] if multilabel else r[1:2]
                 if multilabel and len(raw) == 1:
                     raw = re.split(r"[;|\s]+", raw[0])
-                rows.append((line, r[0].strip(), raw))
+                rows.append((line, r[0].strip(), raw, "" if r[0].strip() else "path"))
     else:
         for line, ln in lines:
             if multilabel:
@@ -243,17 +260,22 @@ def read_label_list(path: Path, *, multilabel: bool, path_template: str | None =
                 else:
                     video = ln.strip()
                     raw = [Path(video).parent.name]
-            rows.append((line, video, raw))
+            rows.append((line, video, raw, ""))
     out = []
-    for line, video, raw in rows:
+    for line, video, raw, gap in rows:
+        where = f"{path.name}:{line}" + (f" ({video})" if video else "")
         labels = [_int_or_str(v) for v in raw if v.strip()]
         folder = Path(video).parent.name
+        if gap:
+            out.append(missing_field(video, where, gap))
+            continue
         if not labels and not multilabel:
-            out.append(Record(video=video, captions=[], error=REASON_NO_LABEL, line=line))
+            out.append(Record(video=video, captions=[], error=REASON_NO_LABEL, line=line,
+                              detail=f"{where}: no label"))
             continue
         # the caption: class names as text (a label file has no sentence of its own)
         names = [v for v in labels if isinstance(v, str)] or ([folder] if folder else [str(v) for v in labels])
         caption = ", ".join(n.replace("_", " ") for n in names) or None
         extra: dict[str, Any] = {"labels": labels} if multilabel else {"label": labels[0]}
-        out.append(_check_captions(Record(video=video, captions=[caption], extra=extra, line=line)))
+        out.append(_check_captions(Record(video=video, captions=[caption], extra=extra, line=line), where, "label"))
     return out

@@ -1,6 +1,6 @@
 """The frames writer of ``make-shards --shard-format frames``: the source frames on screen at a
 fixed rate, resized and stored as baseline JPEGs (layout: :mod:`megavid.shards.format`,
-``megavid/shards/FRAMES.md``).
+``docs/data.md``).
 
 Why: DALI's ``fn.decoders.video`` costs ~85 ms per sample on an H100 (~12 clips/s), while the
 same frames stored as JPEG and decoded by ``fn.decoders.image`` (device "mixed", hardware JPEG

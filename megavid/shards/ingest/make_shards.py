@@ -4,23 +4,27 @@ Per video, in worker processes: probe and fully decode the source (PyAV), option
 transcode (``--short-side``, ``--max-fps``, ``--codec keep|h264|vp9|mjpeg``), decode the
 result again, then hand it to the shard writer. Anything unusable (missing, zero-length,
 unreadable, truncated, random bytes, no caption, a caption that is not text, a duplicate
-key, a bad time window) is skipped and counted by reason with its source path, in the
-per-shard stats and in the final summary.
+key, a bad time window, an annotation entry missing a field) is skipped and counted by reason
+with its source path, or with the annotation entry and field at fault (``MSRVTT_data.json
+sentences[17] (sen_id 17, video7): no 'caption'``), in the per-shard stats and in the final
+summary.
 
 Deterministic whatever ``--workers`` is: the sample order is the annotation order, results are
 consumed in that order, and encoders run single-threaded with bitexact containers.
 
 Frames shards (``--shard-format frames --fps F --short-side S --quality Q``): instead of a video
 member, each sample stores the source frames on screen at F fps inside its window as JPEG members
-``{key}.0000.jpg``... (layout: ``megavid/shards/FRAMES.md``, code:
+``{key}.0000.jpg``... (layout: ``docs/data.md``, code:
 :mod:`megavid.shards.ingest.frames`), made from the same single validation decode of the source.
 
 Chunking (``--chunk-seconds N``): each video is cut into re-encoded chunks of at most N
 seconds, one sample each (``<key>_cNNN``), with the windows inside re-based to the chunk
 (:mod:`megavid.shards.ingest.chunking`).
 
-Video paths: ``--path-template '{page_dir}/{videoid}.mp4'`` builds them from CSV columns
-(WebVid); ``--from-video2dataset DIR`` ingests existing video2dataset tars instead
+Video paths: ``--path-template '{page_dir}/{videoid}.mp4'`` builds them from an entry's columns
+(the formats that have them; ``--format webvid`` does it by default); ``--split-file`` selects
+the MSR-VTT videos of a released split file (9k train, 1k-A test); ``--from-video2dataset DIR``
+ingests existing video2dataset tars instead
 (:mod:`megavid.shards.ingest.video2dataset`).
 
 Resumable: shards are written under temporary names and renamed when complete; a re-run with
@@ -30,7 +34,6 @@ the same arguments keeps the complete shards, skips the inputs they consumed, an
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -41,6 +44,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
+from megavid.parser import Parser, doc_summary
 from megavid.errors import DataError
 from megavid.shards.format import VIDEO_EXTS
 from megavid.shards.ingest.annotations import FORMATS, read_annotations
@@ -213,8 +217,8 @@ def plan(records: list[Record], opts: MakeShardsOptions) -> list[Task | SampleFa
     groups: dict[Path, tuple[str, list[Record], list[Record]]] = {}
     for r in records:
         source = str(Path(opts.videos) / r.video)
-        if r.error:
-            out.append(SampleFailure(source=source, reason=r.error))
+        if r.error:  # reported by the entry and field at fault when the reader names them
+            out.append(SampleFailure(source=r.detail or source, reason=r.error))
             continue
         key = sanitize_key(r.key) if r.key else make_key(r.video, r.start, r.end)
         if key in seen:
@@ -271,7 +275,7 @@ def _manifest_options(opts: MakeShardsOptions) -> dict[str, Any]:
         for k in ("shard_format", "fps", "quality"):
             d.pop(k)
     for k, default in (("path_template", None), ("chunk_seconds", 0.0), ("gop", 0),
-                       ("from_video2dataset", "")):
+                       ("from_video2dataset", ""), ("split_file", None)):
         if d[k] == default:
             d.pop(k)  # manifests written before these options existed stay resumable
     return d
@@ -325,7 +329,7 @@ def make_shards(opts: MakeShardsOptions, *, overwrite: bool = False, quiet: bool
         records = read_annotations(
             opts.annotations, opts.format, video_col=opts.video_col, caption_col=opts.caption_col,
             key_col=opts.key_col, start_col=opts.start_col, end_col=opts.end_col, split=opts.split,
-            path_template=opts.path_template,
+            split_file=opts.split_file, path_template=opts.path_template,
         )
         if not records:
             raise DataError(f"annotation file '{opts.annotations}' lists no samples")
@@ -394,8 +398,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megavid make-shards", description=__doc__.split("\n")[0])
+def build_parser() -> Parser:
+    """``megavid make-shards``'s parser."""
+    p = Parser(prog="megavid make-shards", description=doc_summary(__doc__),
+               epilog="Annotation formats, the shard layout and frames shards: docs/data.md.")
     p.add_argument("--videos", help="folder holding the videos")
     p.add_argument("--annotations", help="annotation file")
     p.add_argument("--from-video2dataset", metavar="DIR", help="ingest video2dataset output tars "
@@ -411,14 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-col", help="CSV/TSV column of the window end (seconds)")
     p.add_argument("--split", help="MSR-VTT: only this split (train/validate/test); QuerYD: the "
                    "ids of <split>_list.txt beside the captions")
-    p.add_argument("--path-template", help="CSV inputs: video path from the row's columns, e.g. "
-                   "'{page_dir}/{videoid}.mp4' (WebVid)")
+    p.add_argument("--split-file", help="MSR-VTT: only the videos of this released split file: "
+                   "MSRVTT_train.9k.csv (sentences from --annotations MSRVTT_data.json) or "
+                   "MSRVTT_JSFUSION_test.csv (the 1k-A test, its own sentence per video)")
+    p.add_argument("--path-template", help="video path from an entry's columns, e.g. "
+                   "'{page_dir}/{videoid}.mp4' (formats with per-row columns; refused for others)")
     p.add_argument("--chunk-seconds", type=float, default=0.0, help="cut videos into re-encoded "
                    "chunks of at most this many seconds, one sample each (0: off)")
     p.add_argument("--codec", default="keep", choices=CODECS, help="re-encode to this codec")
     p.add_argument("--short-side", type=int, default=0, help="downscale to this short side")
     p.add_argument("--shard-format", default="video", choices=SHARD_FORMATS,
-                   help="video members, or JPEG frames for DALI's JPEG decoder (FRAMES.md)")
+                   help="video members, or JPEG frames for DALI's JPEG decoder (docs/data.md)")
     p.add_argument("--fps", type=float, default=8.0, help="frames shards: stored frames/s "
                    "(0: every source frame)")
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
@@ -431,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="bytes per shard")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="do not print the summary")
     return p
 
 
@@ -449,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = MakeShardsOptions(
         videos=args.videos or "", annotations=args.annotations or "", out=args.out, format=args.format,
         video_col=args.video_col, caption_col=args.caption_col, key_col=args.key_col,
-        start_col=args.start_col, end_col=args.end_col, split=args.split, codec=args.codec,
+        start_col=args.start_col, end_col=args.end_col, split=args.split,
+        split_file=args.split_file, codec=args.codec,
         short_side=args.short_side, max_fps=args.max_fps, max_count=args.max_count,
         max_bytes=args.max_bytes, workers=args.workers, shard_format=args.shard_format,
         fps=args.fps, quality=args.quality, path_template=args.path_template,

@@ -35,6 +35,11 @@ class MakeShardsOptions:
     start_col: str | None = None
     end_col: str | None = None
     split: str | None = None
+    """MSR-VTT: only the videos of this split (train/validate/test); QuerYD: the ids of
+    ``<split>_list.txt`` beside the captions."""
+    split_file: str | None = None
+    """MSR-VTT: only the videos of this released split file (``MSRVTT_train.9k.csv``, or
+    ``MSRVTT_JSFUSION_test.csv``: the 1k-A test with its one sentence per video)."""
     codec: str = "keep"
     short_side: int = 0
     """Resize so the short side is at most this (0: keep)."""
@@ -45,7 +50,7 @@ class MakeShardsOptions:
     workers: int = 2
     shard_format: str = "video"
     """'video' (one encoded video member) or 'frames' (JPEG frame members, for DALI's JPEG
-    decoder; see megavid/shards/FRAMES.md)."""
+    decoder; see docs/data.md)."""
     fps: float = 8.0
     """Frames shards: stored frames per second (0: every source frame)."""
     quality: int = DEFAULT_QUALITY
@@ -55,7 +60,8 @@ class MakeShardsOptions:
     with codec keep the source's codec is re-encoded). Short GOPs make PyAV decode only the
     GOPs of the sampled frames (bench/loader_gpu.py measures it)."""
     path_template: str | None = None
-    """CSV inputs: video path from the row's columns, e.g. ``{page_dir}/{videoid}.mp4``."""
+    """Video path from an entry's columns, e.g. ``{page_dir}/{videoid}.mp4`` (the formats with
+    per-row columns; :data:`megavid.shards.ingest.annotations.OPTION_FORMATS`)."""
     chunk_seconds: float = 0.0
     """Cut videos into re-encoded chunks of at most this many seconds (0: no chunking)."""
     from_video2dataset: str = ""

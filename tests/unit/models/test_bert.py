@@ -62,8 +62,8 @@ def test_real_minilm_weights_and_tokenizer() -> None:
         max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
     ).eval()
     report = load_bert_into(ours, path)  # the folder: reads model.safetensors
-    # 5 embedding tensors + 12 per layer (q/k/v fused into qkv); pooler and position ids dropped
-    assert not report.missing and not report.unexpected and len(report.loaded) == 5 + 12 * c.num_hidden_layers
+    # 5 embedding tensors + 12 per layer (q/k/v fused into qkv) + the pooler's 2; position ids dropped
+    assert not report.missing and not report.unexpected and len(report.loaded) == 5 + 12 * c.num_hidden_layers + 2
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     assert batch["attention_mask"].min() == 0  # the batch really has padding
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_plain_bert_into_fusion_model_reports_new_cross_attention() -> None:
                           intermediate_size=64, max_position_embeddings=16, encoder_width=24)
     report = load_bert_into(ours, hf.state_dict())
     assert report.missing and all(".cross_" in k for k in report.missing)
-    assert any(k.startswith("pooler.") for k in report.ignored)
+    assert {"pooler.weight", "pooler.bias"} <= set(report.loaded) and not report.ignored
     torch.testing.assert_close(ours.layers[1].fc1.weight, hf.encoder.layer[1].intermediate.dense.weight)
 
 

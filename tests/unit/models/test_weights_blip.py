@@ -44,7 +44,9 @@ def test_alpro_checkpoint_loads_and_heads_match_transformers(make_cfg) -> None:
     model = build_model(cfg).eval()
     sd, hf = _alpro_style_checkpoint(cfg)
     report = load_blip_alpro_into(model, sd)
-    assert not report.missing and not report.unexpected
+    # BertForMaskedLM has no pooler: reported, kept at its (zero) init
+    assert report.missing == ["text_encoder.pooler.bias", "text_encoder.pooler.weight"] and not report.unexpected
+    assert not model.text_encoder.pooler.weight.any()
     assert {"video_queue", "text_encoder_m.bert.embeddings.word_embeddings.weight"} <= set(report.ignored)
     torch.testing.assert_close(model.vtm_head.weight, sd["itm_head.weight"])
     assert model.temp.item() == pytest.approx(0.05)
@@ -69,3 +71,24 @@ def test_alpro_checkpoint_with_wrong_width_lists_keys(make_cfg) -> None:
     model = build_model(make_cfg(**{"video.embed_dim": 64}))
     with pytest.raises(CheckpointError, match=r"video_encoder\.cls_token: checkpoint \(1, 1, 32\) vs model \(1, 1, 64\)"):
         load_blip_alpro_into(model, sd)
+
+
+def test_model_weights_naming_an_alpro_file_imports_it(make_cfg, tmp_path) -> None:
+    """``model.weights=<BLIP/ALPRO file>`` (what eval-* and finetuning jobs import) is
+    recognised by its layout and converted, not refused as another model's checkpoint."""
+    from megavid.config import compose
+    from megavid.tasks.base import load_initial_weights
+
+    model_cfg = make_cfg(mlm_weight=1.0, vtm_weight=1.0, **{"video.embed_dim": 32})
+    sd, _ = _alpro_style_checkpoint(model_cfg)
+    path = tmp_path / "alpro.pth"
+    torch.save(sd, path)
+    cfg = compose([f"model.weights={path}"])
+    cfg.model = model_cfg
+    cfg.model.weights = str(path)
+    model = build_model(cfg.model).eval()
+    load_initial_weights(model, cfg)
+    torch.testing.assert_close(model.vtm_head.weight, sd["itm_head.weight"])
+    torch.testing.assert_close(model.text_proj.bias, sd["text_proj.bias"])
+    torch.testing.assert_close(model.video_encoder.blocks[1].temporal_fc.weight,
+                               sd["visual_encoder.model.blocks.1.temporal_fc.weight"])
