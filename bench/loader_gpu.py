@@ -17,7 +17,7 @@ at --short-side). Each source is processed once and its sample copied under --sa
 making the shards stays cheap; decode cost does not depend on which copy is read. Prints
 clips/s and the ratio to PyAV (H.264) measured in the same run. Not a test.
 
-Video-stream path (issue 10, third bullet): a per-stage profile of one sample through DALI's
+Video-stream path: a per-stage profile of one sample through DALI's
 ``fn.decoders.video`` and PyAV (where the per-sample time goes), then every attempt to make it
 faster on the same source videos, each with clips/s, clips/s per core and the ratio to the
 baseline measured in the same run (``--gops``: the ``make-shards --gop N`` variants).
@@ -332,7 +332,7 @@ def profile_video_path(shards: dict[str, Path], args: argparse.Namespace) -> lis
                 keys = keyframe_times(v)
                 if snap:  # lower bound of keyframe snapping: every frame is a keyframe
                     ts = keys[np.abs(keys[None, :] - ts[:, None]).argmin(1)]
-                # the frames a seek-once decode needs (the decode before issue 10): from the
+                # the frames a seek-once decode needs (the decode before the keyframe-aware path): from the
                 # keyframe before the first sampled frame through the last one
                 fps = meta["fps"]
                 first_key = keys[keys <= ts.min() + 0.5 / fps].max(initial=0.0)

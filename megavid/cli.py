@@ -1,8 +1,10 @@
-"""`megavid` entry point: one subcommand per job, each a thin parse-and-call.
+"""The ``megavid`` program: one subcommand per job (:mod:`megavid.jobs` lists them and writes
+their help), each a parse-and-call.
 
-Config-driven jobs take config tokens (``experiment=demo model=timesformer_tiny
-train.max_steps=10 extra.yaml``) and a few run-level switches; features add config fields,
-not flags (tests/unit/test_cli.py pins the flag set).
+Config jobs take config tokens (``experiment=demo model=timesformer_tiny train.max_steps=10
+extra.yaml``) and the run switches their runner accepts; features add config fields, not
+flags. Tool jobs parse their own ``--flags``. Every parser is a :class:`Parser`, whose errors
+are one line.
 """
 
 from __future__ import annotations
@@ -13,37 +15,25 @@ import importlib
 import logging
 import multiprocessing
 import os
+import re
 import sys
+import textwrap
 import traceback
-from typing import Callable
+from typing import Any, Callable, NoReturn
 
+from megavid.config import compose, to_yaml
 from megavid.errors import MegavidError, Preempted, describe_exception
+from megavid.parser import Parser, doc_summary  # noqa: F401  (re-exported: tools and tests use them)
+from megavid.jobs import CONFIG_JOBS, TOOL_JOBS, describe_job, describe_jobs, job_epilog, jobs_epilog
 
 log = logging.getLogger("megavid.cli")
 
-# subcommand -> ("module:function", help). Config jobs are called as fn(cfg, **run_switches);
-# tool jobs as fn(args) with their own parser in `_TOOL_PARSERS`.
-CONFIG_JOBS: dict[str, tuple[str, str]] = {
-    "make-synthetic": ("megavid.shards.synthetic:run_make_synthetic", "generate the moving-shapes dataset and its shards"),
-    "pretrain": ("megavid.tasks.pretrain:run_pretrain", "pretrain (VTC + VTM + MLM)"),
-    "finetune-retrieval": ("megavid.tasks.retrieval:run_finetune_retrieval", "finetune for text-video retrieval"),
-    "finetune-qa": ("megavid.tasks.qa:run_finetune_qa", "finetune for video QA"),
-    "eval-zeroshot": ("megavid.tasks.zeroshot:run_eval_zeroshot", "zero-shot retrieval and multiple-choice QA"),
-    "export-checkpoint": ("megavid.engine.checkpoint:run_export_checkpoint", "write a consolidated fp32 state dict"),
-    "finetune-cls": ("megavid.tasks.classification:run_finetune_cls", "finetune video classification (top-k or mAP)"),
-    "eval-zeroshot-cls": ("megavid.tasks.classification:run_eval_zeroshot_cls", "zero-shot classification from class-name prompts"),
-    "linear-probe": ("megavid.tasks.linear_probe:run_linear_probe", "linear probe of frozen video features (L2 sweep)"),
-    "extract-features": ("megavid.tasks.features:run_extract_features", "write a split's video and text features to files"),
-    "eval-egocentric": ("megavid.tasks.egocentric:run_eval_egocentric", "EK-100 multi-instance retrieval and EgoMCQ"),
+
+_SWITCH_ARGS: dict[str, dict[str, Any]] = {
+    "overwrite": {"action": "store_true"},
+    "resume": {"metavar": "PATH"},
 }
-TOOL_JOBS: dict[str, tuple[str, str]] = {
-    "make-shards": ("megavid.shards.ingest.make_shards:main", "make validated webdataset shards from videos + annotations"),
-    "verify-shards": ("megavid.shards.verify:verify_main", "check every shard, index and stats file"),
-    "shard-stats": ("megavid.shards.stats:main", "totals, duration histogram, codec/resolution counts, failures (--json)"),
-    "info": ("megavid.info:main", "versions, devices and working decode backends"),
-    "bench-loader": ("megavid.data.bench:main", "clips/s of each decode path on your shards here, and what auto picks"),
-    "launch": ("megavid.launch:main", "multi-node launch: check-hostfile, deepspeed, torchrun, slurm, make-sbatch"),
-}
+"""argparse options of each run switch a runner may take."""
 
 
 def _resolve(target: str) -> Callable:
@@ -51,20 +41,28 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megavid", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, help_) in CONFIG_JOBS.items():
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("config", nargs="*", help="group=name, key.sub=value or file.yaml")
-        s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        s.add_argument("--name", help="run name (run.name)")
-        s.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
-        s.add_argument("--resume", metavar="PATH", help="resume from this checkpoint instead of the latest")
+def build_parser() -> Parser:
+    """The ``megavid`` parser: a subparser per config job with the switches its runner takes;
+    a tool job's subparser hands everything after its name to the tool's own parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = Parser(prog="megavid", description=describe_jobs(), epilog=jobs_epilog(), formatter_class=raw)
+    sub = p.add_subparsers(dest="command", metavar="JOB", required=True,
+                           help="the job to run: one of those listed above")
+    for name, job in CONFIG_JOBS.items():
+        s = sub.add_parser(name, description=describe_job(job), epilog=job_epilog(job), formatter_class=raw)
+        s.add_argument("config", nargs="*", metavar="CONFIG",
+                       help="config tokens: group=name, key.sub=value or file.yaml")
+        s.add_argument("--print-config", action="store_true",
+                       help="print the resolved config and exit without running")
+        if "run.name" in job.keys:
+            s.add_argument("--name", help="run name: short for run.name=NAME")
+        for switch, help_ in job.switches.items():
+            s.add_argument(f"--{switch}", help=help_, **_SWITCH_ARGS[switch])
         # the DeepSpeed launcher appends --local_rank=N; rank info is read from the environment
         s.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    for name, (_, help_) in TOOL_JOBS.items():
-        s = sub.add_parser(name, help=help_, add_help=False)
+        s.set_defaults(job_parser=s)
+    for name in TOOL_JOBS:
+        s = sub.add_parser(name, add_help=False)
         s.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -78,24 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         # REMAINDER misses a tool's leading options (`info --shards D`): the tool parses all
         ns.args = argv[argv.index(ns.command) + 1:]
     elif extra:
-        if any(t.startswith("-") for t in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        flags = [t for t in extra if t.startswith("-")]
+        if flags:
+            ns.job_parser.error(f"unrecognized arguments: {' '.join(flags)}")
         ns.config = list(ns.config) + extra
     try:
         if ns.command in TOOL_JOBS:
-            rc = _resolve(TOOL_JOBS[ns.command][0])(ns.args)
+            rc = _resolve(TOOL_JOBS[ns.command].target)(ns.args)
             return int(rc or 0)
-        from megavid.config import compose, to_yaml
-
+        job = CONFIG_JOBS[ns.command]
         tokens = list(ns.config)
-        if ns.name:
+        if getattr(ns, "name", None):
             tokens.append(f"run.name={ns.name}")
         cfg = compose(tokens)
         if ns.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        fn = _resolve(CONFIG_JOBS[ns.command][0])
-        fn(cfg, overwrite=ns.overwrite, resume=ns.resume)
+        _resolve(job.target)(cfg, **{switch: getattr(ns, switch) for switch in job.switches})
         return 0
     except Preempted as e:
         print(f"megavid {ns.command}: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from megavid.parser import Parser, doc_summary
 from megavid.errors import DataError, MegavidError
 
 GIB = 1 << 30
@@ -362,9 +363,10 @@ def describe_auto(shard_dir: str | Path) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
-def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(
-        prog="megavid info", description=__doc__.split("\n")[0],
+def build_parser() -> Parser:
+    """``megavid info``'s parser; config tokens are left over (see :func:`_parse`)."""
+    p = Parser(
+        prog="megavid info", description=doc_summary(__doc__),
         epilog="Config tokens (experiment=demo, data.train=...) name the shards and workers.")
     p.add_argument("--shards", action="append", default=[], metavar="DIR",
                    help="a shard folder (repeatable): print the decode plan data.backend=auto "
@@ -374,6 +376,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "(default: data.num_workers x visible GPUs)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode checks")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = build_parser()
     ns, tokens = p.parse_known_args(argv)
     if any(t.startswith("-") for t in tokens):
         p.error(f"unrecognized arguments: {' '.join(t for t in tokens if t.startswith('-'))}")

@@ -27,7 +27,6 @@ text table goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -40,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 
+from megavid.parser import Parser, doc_summary
 from megavid.config import DataConfig
 from megavid.data.build import (
     DecodePlan,
@@ -322,9 +322,9 @@ def run_bench(shards: str, *, backend: str | None = None, device: str | None = N
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """``megavid bench-loader``'s parser (tests/unit/test_cli.py pins its flags)."""
-    p = argparse.ArgumentParser(prog="megavid bench-loader", description=__doc__.split("\n")[0])
+    p = Parser(prog="megavid bench-loader", description=doc_summary(__doc__))
     p.add_argument("shards", metavar="SHARDS", help="a shard folder (or a glob / .tar)")
     p.add_argument("--backend", choices=("auto", "pyav", "decord", "dali"), default=None,
                    help="measure only this backend ('auto': the path data.backend=auto picks "

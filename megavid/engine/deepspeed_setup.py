@@ -1,13 +1,16 @@
-"""The DeepSpeed config derived from the YAML config, and the engine built from it.
+"""The batch plan, the DeepSpeed config derived from the YAML config, and the engine built from it.
 
-``build_ds_config`` is the only place where batch math lives: micro batch per rank =
-``data.batch_size``, accumulation = ``train.grad_accum``, global = micro x accum x world.
+:class:`BatchPlan` is the only place where batch math lives: micro batch per rank =
+``data.batch_size``, accumulation = ``train.grad_accum``, global = micro x accum x world. The
+DeepSpeed config, the LR scaling, the trainer's step accounting, checkpoints' and resume's
+global-batch checks and the throughput meter all read it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,53 @@ _YAML_KEY = {
     "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
     "zero_optimization.offload_param.device": "train.offload_params",
 }
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How many samples one optimizer step takes.
+
+    Args:
+        micro: samples per rank per forward (``data.batch_size``).
+        accumulation: forwards per optimizer step (``train.grad_accum``).
+        world: data-parallel ranks.
+    """
+
+    micro: int
+    accumulation: int
+    world: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> BatchPlan:
+        """The plan of ``cfg`` on ``world_size`` ranks; a micro batch below 1 raises ConfigError."""
+        if cfg.data.batch_size < 1:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+        return cls(cfg.data.batch_size, cfg.train.grad_accum, world_size)
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks: micro x accumulation x world."""
+        return self.micro * self.accumulation * self.world
+
+    def steps_per_epoch(self, micro_batches: int, max_samples: int = 0) -> int:
+        """Optimizer steps in an epoch of ``micro_batches`` per rank.
+
+        Args:
+            micro_batches: the train loader's length (micro-batches per rank and epoch).
+            max_samples: ``train.max_train_samples`` (> 0: at most that many samples' worth of
+                steps, but at least one).
+
+        Raises:
+            ConfigError: an epoch shorter than one optimizer step.
+        """
+        steps = micro_batches // self.accumulation
+        if max_samples > 0:
+            steps = min(steps, max(1, max_samples // self.global_batch))
+        if steps < 1:
+            raise ConfigError(
+                f"an epoch has {micro_batches} micro-batches per rank, fewer than train.grad_accum="
+                f"{self.accumulation}; lower data.batch_size / train.grad_accum or add data")
+        return steps
 
 
 def resolve_precision(request: str, device_type: str = "cpu") -> str:
@@ -134,9 +184,7 @@ def build_ds_config(cfg: Config, world_size: int, device_type: str = "cpu") -> d
     """
     t = cfg.train
     precision = resolve_precision(t.precision, device_type)
-    micro = cfg.data.batch_size
-    if micro < 1:
-        raise ConfigError(f"data.batch_size={micro} must be >= 1")
+    batch = BatchPlan.from_config(cfg, world_size)
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError("train.offload_params=true needs train.zero_stage=3 (only ZeRO-3 partitions parameters)")
     if t.offload_optimizer and t.zero_stage == 0:
@@ -155,9 +203,9 @@ def build_ds_config(cfg: Config, world_size: int, device_type: str = "cpu") -> d
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": micro * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": batch.micro,
+        "gradient_accumulation_steps": batch.accumulation,
+        "train_batch_size": batch.global_batch,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # megavid logs; keep DeepSpeed's own prints quiet
@@ -185,7 +233,7 @@ def build_ds_config(cfg: Config, world_size: int, device_type: str = "cpu") -> d
 
 
 def build_engine(model: nn.Module, cfg: Config, *, world_size: int, total_steps: int,
-                 device_type: str = "cpu", steps_per_epoch: int = 0):
+                 device_type: str = "cpu", steps_per_epoch: int = 0, universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with megavid's AdamW groups and LR schedule.
 
     Returns ``(engine, optimizer, lr_scheduler, ds_config)``; DeepSpeed steps the scheduler
@@ -198,10 +246,14 @@ def build_engine(model: nn.Module, cfg: Config, *, world_size: int, total_steps:
         total_steps: optimizer steps of the whole run (for the schedule).
         device_type: 'cpu' or 'cuda'.
         steps_per_epoch: optimizer steps per epoch (for ``optim.warmup_epochs``).
+        universal: the engine will load a universal checkpoint (DeepSpeed must be told at
+            initialize time: ``checkpoint.load_universal``).
     """
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size, device_type)
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     optimizer = build_optimizer(model, cfg.optim, ds_config["train_batch_size"],
                                 cpu_adam=cfg.train.offload_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)

@@ -12,18 +12,16 @@ import dataclasses
 import datetime
 import logging
 import os
-import re
 import socket
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
 import torch
 
+from megavid.cluster import DEFAULT_MASTER_PORT, first_slurm_host, format_launch_report, get_network_env
 from megavid.errors import LaunchError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MASTER_PORT = 29500
 
 # NCCL / network settings applied in one place (only when the user has not set them). The
 # values follow what large multi-node jobs need: async error handling so a dead peer raises
@@ -74,25 +72,6 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise LaunchError(f"environment variable {key}={env[key]!r} is not an integer; fix the launcher") from None
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list (``node[01-04,07],other`` -> ``node01``).
-
-    Args:
-        nodelist: the value of ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST``.
-    """
-    nodelist = nodelist.strip()
-    if not nodelist:
-        raise LaunchError("SLURM_JOB_NODELIST is empty; run inside an allocation (sbatch/srun)")
-    m = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
-        raise LaunchError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, bracket = m.group(1), m.group(3)
-    if not bracket:
-        return prefix
-    first = bracket.split(",")[0].split("-")[0]
-    return prefix + first
-
-
 def get_world_info(env: Mapping[str, str] | None = None) -> WorldInfo:
     """Rank info from the launcher's environment; the single source of truth for the engine.
 
@@ -108,7 +87,7 @@ def get_world_info(env: Mapping[str, str] | None = None) -> WorldInfo:
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
-        # the DeepSpeed launcher names them LOCAL_SIZE / CROSS_RANK (launchers engineer, issue #9)
+        # the DeepSpeed launcher names them LOCAL_SIZE / CROSS_RANK
         local_key = next((k for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if k in env), None)
         local_world = _int(env, local_key) if local_key else world
         node_key = next((k for k in ("GROUP_RANK", "NODE_RANK", "CROSS_RANK") if k in env), None)
@@ -295,6 +274,25 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
         for k, v in (row or {}).items():
             total[k] = total.get(k, 0) + int(v)
     return dict(sorted(total.items()))
+
+
+def gather_launch_report() -> str | None:
+    """Collect every rank's host name and local rank; rank 0 gets the start-up report.
+
+    A collective: every rank must call it after the process group is up (the trainer does,
+    right after ``init_distributed``).
+
+    Returns:
+        The report on rank 0 (:func:`megavid.cluster.format_launch_report`: one line per rank,
+        then the network settings, secrets masked), None on other ranks.
+    """
+    info = get_world_info()
+    row = {"rank": info.rank, "host": socket.gethostname(), "local_rank": info.local_rank}
+    rows: list = [row]
+    if is_initialized() and get_world_size() > 1:
+        rows = [None] * get_world_size()
+        torch.distributed.all_gather_object(rows, row)
+    return format_launch_report(rows, get_network_env()) if info.rank == 0 else None
 
 
 def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:

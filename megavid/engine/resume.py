@@ -90,8 +90,8 @@ data.synthetic.*                                   read by make-synthetic only
 task.qa_pairs_per_sample                           read for every batch (seeded by run.seed, epoch
                                                    and sample)
 task.cls.templates, probe_weight_decays,           read by evaluation and the other jobs
-probe_max_iter, features_format, relevancy,
-relevancy_texts, relevancy_videos, egomcq; eval.*
+probe_max_iter, features_format; task.ego.*;
+eval.*
 run.name, output_dir, device, debug                where and how this process runs
 =================================================  ============================================
 
@@ -210,10 +210,12 @@ MAY_CHANGE: dict[str, str] = {
         "num_train", "num_val", "num_test", "frames", "size", "fps", "codec", "seed")},
     "task.qa_pairs_per_sample": "read for every batch",
     **{f"task.cls.{k}": "read by evaluation and the other jobs" for k in (
-        "templates", "probe_weight_decays", "probe_max_iter", "features_format", "relevancy",
-        "relevancy_texts", "relevancy_videos", "egomcq")},
+        "templates", "probe_weight_decays", "probe_max_iter", "features_format")},
+    **{f"task.ego.{k}": "read by evaluation and the other jobs" for k in (
+        "relevancy", "relevancy_texts", "relevancy_videos", "egomcq")},
     **{f"eval.{k}": "read by evaluation" for k in (
-        "split", "k_test", "low_resource", "chunk_size", "num_frames", "checkpoint", "temporal_check")},
+        "split", "k_test", "low_resource", "chunk_size", "num_frames", "checkpoint", "temporal_check",
+        "captions")},
     "run.name": "where this run writes",
     "run.output_dir": "where this run writes",
     "run.device": "the engine is built on it",
@@ -378,9 +380,11 @@ def compare(saved: dict, cfg: Config, *, world_size: int, universal: bool,
     def refuse(key: str, why: str) -> None:
         refused.append(f"{key} {_fmt(old[key])} -> {_fmt(new[key])} ({why})")
 
-    old_gb = (int(old.get("data.batch_size", 0)) * int(old.get("train.grad_accum", 0))
-              * (saved_world_size or world_size))
-    new_gb = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    from megavid.engine.deepspeed_setup import BatchPlan
+
+    old_gb = BatchPlan(int(old.get("data.batch_size", 0)), int(old.get("train.grad_accum", 0)),
+                       saved_world_size or world_size).global_batch
+    new_gb = BatchPlan.from_config(cfg, world_size).global_batch
     for key in changed:
         kind = classify(key)
         if kind == "may_change":

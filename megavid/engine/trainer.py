@@ -30,7 +30,7 @@ from torch import nn
 from megavid.config import Config, to_dict
 from megavid.engine import checkpoint as ckpt
 from megavid.engine import dist
-from megavid.engine.deepspeed_setup import build_engine, get_dtype, resolve_precision
+from megavid.engine.deepspeed_setup import BatchPlan, build_engine, get_dtype, resolve_precision
 from megavid.engine.logging import (MetricsLogger, check_writable_dirs, format_run_summary, get_env_info,
                                     save_run_files, setup_rank_logging)
 from megavid.engine.optim import get_model_order, get_param_order
@@ -140,7 +140,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.best: dict[str, Any] = {}
         self._stop_signal: int | None = None
-        self.steps_per_epoch = 0
+        self.batch: BatchPlan | None = None  # set in fit(), once the world size is known
         self._skipped_before: dict[str, int] = {}  # skipped samples before the resumed checkpoint
         self._stepped = False  # an optimizer step finished in this process
         self._iterator: list | None = None  # [the train loader's current iterator]
@@ -158,24 +158,17 @@ class Trainer:
         if self.debug:
             return
         if rank == 0 and self.overwrite and self.resume is None:
-            for name in ("checkpoints", "tb", "logs"):
+            # the old run's evaluation results go with its checkpoints (they name them)
+            for name in ("checkpoints", "tb", "logs", "eval"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             for name in ("metrics.jsonl", ckpt.EXPORT_NAME):
                 (self.run_dir / name).unlink(missing_ok=True)
         dist.barrier()
 
-    def _plan_steps(self, world_size: int) -> tuple[int, int]:
+    def _plan_steps(self) -> tuple[int, int]:
         """(steps per epoch, total optimizer steps)."""
         t = self.cfg.train
-        batches = len(self.loader)
-        global_batch = self.cfg.data.batch_size * t.grad_accum * world_size
-        steps_per_epoch = batches // t.grad_accum
-        if t.max_train_samples > 0:
-            steps_per_epoch = min(steps_per_epoch, max(1, t.max_train_samples // global_batch))
-        if steps_per_epoch < 1:
-            raise ConfigError(
-                f"an epoch has {batches} micro-batches per rank, fewer than train.grad_accum={t.grad_accum}; "
-                "lower data.batch_size / train.grad_accum or add data")
+        steps_per_epoch = self.batch.steps_per_epoch(len(self.loader), t.max_train_samples)
         total = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
         if total < 1:
             raise ConfigError("nothing to train: set train.max_steps > 0 or train.epochs > 0")
@@ -202,7 +195,7 @@ class Trainer:
         return old
 
     # ---------------------------------------------------------------- state
-    def client_state(self, world_size: int) -> dict:
+    def client_state(self) -> dict:
         """Everything megavid needs to resume besides DeepSpeed's own state."""
         return {
             "step": self.step,
@@ -212,20 +205,20 @@ class Trainer:
             "nonfinite_in_row": self.nonfinite_in_row,
             "skipped_samples": self._skipped(),
             "best": self.best,
-            "world_size": world_size,
-            "global_batch_size": self.cfg.data.batch_size * self.cfg.train.grad_accum * world_size,
+            "world_size": self.batch.world,
+            "global_batch_size": self.batch.global_batch,
             "zero_stage": self.cfg.train.zero_stage,
             "param_order": self._param_order,
             "config": to_dict(self.cfg),  # what this checkpoint was trained with (resume compares)
         }
 
-    def save(self, world_size: int) -> str | None:
+    def save(self) -> str | None:
         """Checkpoint now (collective); returns the tag (None in debug mode)."""
         if self.debug:
             return None
         keep = (self.best["tag"],) if self.best.get("tag") else ()
         try:
-            tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(world_size),
+            tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(),
                                        keep_last=self.cfg.train.keep_last, keep=keep)
         except (OSError, RuntimeError) as e:
             # a full disk or an unwritable folder: `latest` still names the last good checkpoint
@@ -311,15 +304,15 @@ class Trainer:
         dtype = get_dtype(precision)
         info = dist.init_distributed(device_type=device.type)
         rank, world_size = dist.get_rank(), dist.get_world_size()
+        # --overwrite clears the old run's logs/ before this run's log files are opened
+        self._prepare_run_dir(rank)
         setup_rank_logging(None if self.debug else self.run_dir, rank)
+        self.batch = BatchPlan.from_config(cfg, world_size)
         if world_size > 1:
-            from megavid.launch import gather_launch_report
-
-            report = gather_launch_report()  # collective: every rank takes part
+            report = dist.gather_launch_report()  # collective: every rank takes part
             if rank == 0 and report:
                 log.info("%s", report)
         resume_from = self._find_resume(rank)
-        self._prepare_run_dir(rank)
 
         # Same seed on every rank for the model; per-rank seed for the training RNG.
         seed_everything(cfg.run.seed)
@@ -328,15 +321,17 @@ class Trainer:
         # activation checkpointing and torch.compile, before DeepSpeed wraps the model
         apply_model_options(model, cfg.model, zero_stage=t.zero_stage)
         self.loader = self.task.build_train_loader(rank, world_size)
-        steps_per_epoch, total_steps = self._plan_steps(world_size)
-        self.steps_per_epoch = steps_per_epoch  # for optim.warmup_epochs
+        steps_per_epoch, total_steps = self._plan_steps()
 
-        if resume_from is not None and ckpt.is_universal(*resume_from):
-            # DeepSpeed must know at initialize time that it loads a universal checkpoint.
-            self._universal = True
-        else:
-            self._universal = False
-        self.engine, _, self.scheduler, ds_config = self._build_engine(model, world_size, total_steps, device)
+        # DeepSpeed must know at initialize time that it loads a universal checkpoint.
+        self._universal = resume_from is not None and ckpt.is_universal(*resume_from)
+        self.engine, _, self.scheduler, ds_config = build_engine(
+            model, cfg, world_size=world_size, total_steps=total_steps, device_type=device.type,
+            steps_per_epoch=steps_per_epoch, universal=self._universal)
+        if world_size == 1 and t.zero_stage == 0:
+            # Without ZeRO, DeepSpeed all-reduces (flatten, reduce, unflatten) every gradient after
+            # backward; over one rank that is an identity costing a full copy of the gradients.
+            self.engine.enable_backward_allreduce = False
         self._param_order = get_param_order(model, cfg.optim)
         self._model_order = get_model_order(model, self._param_order)
 
@@ -354,7 +349,7 @@ class Trainer:
             plan = resume_cfg.check_resume_config(cfg, *resume_from, world_size=world_size,
                                                   universal=self._universal, rank=rank)
             state, rng_state = ckpt.load_checkpoint(self.engine, *resume_from)
-            self._check_resume_compat(state, world_size, resume_from)
+            self._check_resume_compat(state, resume_from)
             self.step, self.epoch = state["step"], state["epoch"]
             self.nonfinite_total = state["nonfinite_total"]
             self.nonfinite_in_row = state["nonfinite_in_row"]
@@ -363,7 +358,7 @@ class Trainer:
             loader_state = state["loader"]
             # optimizer hyperparameters and schedule from this config (DeepSpeed restored the old)
             resume_cfg.apply_optim(self.scheduler, cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                                   global_batch=cfg.data.batch_size * t.grad_accum * world_size)
+                                   global_batch=self.batch.global_batch)
             log.info("resumed from %s at step %d (epoch %d)", resume_from[0] / resume_from[1], self.step, self.epoch)
             plan.log_changes(self.step)
         else:
@@ -382,7 +377,7 @@ class Trainer:
                                tensorboard=t.tensorboard and not self.debug,
                                wandb=t.wandb and not self.debug, run_name=cfg.run.name,
                                config=to_dict(cfg))
-        meter = ThroughputMeter(world_size=world_size, flops_per_sample=flops, peak_tflops=peak)
+        meter = ThroughputMeter(world_size=self.batch.world, flops_per_sample=flops, peak_tflops=peak)
 
         self.loader.set_epoch(self.epoch)
         if loader_state is not None:
@@ -401,7 +396,7 @@ class Trainer:
         summary: dict[str, Any] = {"eval": {}, "loss": float("nan")}
         interrupted = None
         try:
-            interrupted = self._loop(total_steps, logger, meter, summary, world_size, device)
+            interrupted = self._loop(total_steps, logger, meter, summary, device)
         finally:
             logger.close()
             for sig, h in old_handlers.items():
@@ -415,36 +410,8 @@ class Trainer:
         })
         return summary
 
-    def _build_engine(self, model: nn.Module, world_size: int, total_steps: int, device: torch.device):
-        engine, optimizer, scheduler, ds_config = self._make_engine(model, world_size, total_steps, device)
-        if world_size == 1 and self.cfg.train.zero_stage == 0:
-            # Without ZeRO, DeepSpeed all-reduces (flatten, reduce, unflatten) every gradient after
-            # backward; over one rank that is an identity costing a full copy of the gradients.
-            engine.enable_backward_allreduce = False
-        return engine, optimizer, scheduler, ds_config
-
-    def _make_engine(self, model: nn.Module, world_size: int, total_steps: int, device: torch.device):
-        cfg = self.cfg
-        if self._universal:
-            # DeepSpeed must be told at initialize time that it will load a universal checkpoint.
-            import deepspeed
-
-            from megavid.engine.deepspeed_setup import build_ds_config
-            from megavid.engine.optim import build_optimizer, build_scheduler
-
-            ds_config = build_ds_config(cfg, world_size, device.type)
-            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-            optimizer = build_optimizer(model, cfg.optim, ds_config["train_batch_size"],
-                                        cpu_adam=cfg.train.offload_optimizer)
-            scheduler = build_scheduler(optimizer, cfg.optim, total_steps, self.steps_per_epoch)
-            engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config)
-            return engine, optimizer, scheduler, ds_config
-        return build_engine(model, cfg, world_size=world_size, total_steps=total_steps, device_type=device.type,
-                            steps_per_epoch=self.steps_per_epoch)
-
-    def _check_resume_compat(self, state: dict, world_size: int, where: tuple[Path, str]) -> None:
-        gb = self.cfg.data.batch_size * self.cfg.train.grad_accum * world_size
+    def _check_resume_compat(self, state: dict, where: tuple[Path, str]) -> None:
+        gb, world_size = self.batch.global_batch, self.batch.world
         if state["global_batch_size"] != gb:
             raise CheckpointError(
                 f"checkpoint {where[0] / where[1]} was trained with global batch {state['global_batch_size']}, "
@@ -473,7 +440,7 @@ class Trainer:
                     raise ConfigError("the train loader yields no batches; check the data paths") from None
 
     def _loop(self, total_steps: int, logger: MetricsLogger, meter: ThroughputMeter, summary: dict,
-              world_size: int, device: torch.device) -> str | None:
+              device: torch.device) -> str | None:
         t = self.cfg.train
         engine = self.engine
         engine.train()
@@ -489,7 +456,7 @@ class Trainer:
             samples = 0
             tokens = 0.0
             micro = 0
-            while micro < t.grad_accum:
+            while micro < self.batch.accumulation:
                 batch, waited = self._next_batch(it_holder)
                 data_wait += waited
                 out = self.task.training_forward(engine, batch)
@@ -540,21 +507,21 @@ class Trainer:
                 sums, count = {}, 0
                 meter.reset()
             if t.eval_every > 0 and self.step % t.eval_every == 0 and not last and hasattr(self.task, "evaluate"):
-                self._evaluate(logger, summary, world_size)
+                self._evaluate(logger, summary)
             ckpt_due = t.ckpt_every > 0 and self.step % t.ckpt_every == 0
             if stop:
-                self.save(world_size)
+                self.save()
                 name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
                 log.warning("stopped by %s at step %d after saving a checkpoint", name, self.step)
                 return name
             if ckpt_due and not last and self.best.get("step") != self.step:
-                self.save(world_size)
+                self.save()
         if self.step == start_step:  # resumed a finished run: nothing to do
             return None
         if hasattr(self.task, "evaluate") and t.eval_every > 0:
-            self._evaluate(logger, summary, world_size)
+            self._evaluate(logger, summary)
         if not self.debug and self.best.get("step") != self.step:
-            self.save(world_size)
+            self.save()
         return None
 
     def _log_train(self, logger: MetricsLogger, meter: ThroughputMeter, sums: dict, count: int,
@@ -593,7 +560,7 @@ class Trainer:
         if "loss" in metrics:
             summary["loss"] = metrics["loss"]
 
-    def _evaluate(self, logger: MetricsLogger, summary: dict, world_size: int) -> None:
+    def _evaluate(self, logger: MetricsLogger, summary: dict) -> None:
         self.engine.eval()
         try:
             with torch.no_grad():
@@ -603,9 +570,9 @@ class Trainer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         logger.log(self.step, metrics, prefix="eval")
         summary["eval"] = metrics
-        self._update_best(metrics, world_size)
+        self._update_best(metrics)
 
-    def _update_best(self, metrics: dict[str, float], world_size: int) -> None:
+    def _update_best(self, metrics: dict[str, float]) -> None:
         """Checkpoint now when ``train.best_metric`` improved; the best tag survives pruning."""
         t = self.cfg.train
         if not t.best_metric or self.debug:
@@ -619,7 +586,7 @@ class Trainer:
         if not (better and math.isfinite(value)):
             return
         self.best = {"metric": t.best_metric, "value": value, "step": self.step, "tag": f"step_{self.step}"}
-        self.save(world_size)
+        self.save()
         if dist.get_rank() == 0:
             (self.ckpt_dir / "best").write_text(self.best["tag"] + "\n")
         log.info("new best %s=%.6g at step %d", t.best_metric, value, self.step)

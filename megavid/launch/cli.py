@@ -12,19 +12,19 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from megavid.parser import Parser
+from megavid.cluster import DEFAULT_MASTER_PORT, is_secret_name, mask_env
 from megavid.errors import LaunchError
 from megavid.launch.commands import build_deepspeed_cmd, build_slurm_cmd, build_torchrun_cmd, uses_remote_shell
 from megavid.launch.env import (
     get_export_env,
-    is_secret_name,
-    mask_env,
     read_user_deepspeed_env,
     split_secrets,
     write_deepspeed_env,
     write_env_script,
 )
 from megavid.launch.hostfile import check_hosts_reachable, copy_private_file, format_hostfile, read_hostfile
-from megavid.launch.slurm import DEFAULT_MASTER_PORT, build_sbatch_script, get_slurm_allocation
+from megavid.launch.slurm import build_sbatch_script, get_slurm_allocation
 
 
 def _launch_env() -> dict[str, str]:
@@ -239,68 +239,86 @@ def _cmd_make_sbatch(ns: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m megavid.launch",
+def build_parser() -> Parser:
+    """``megavid launch``'s parser (also ``python -m megavid.launch``, as launchers/ call it)."""
+    p = Parser(
+        prog="megavid launch",
         description="Multi-node launch: check a hostfile, run the DeepSpeed launcher, torchrun or SLURM, "
-        "or write an sbatch file.",
+        "or write an sbatch file. Every rank of a launched job runs the same `megavid JOB`.",
+        epilog="Run `megavid launch MODE --help` for a mode's options; launchers/README.md has a recipe "
+        "for each, e.g. `megavid launch torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint "
+        "node1:29500 -- pretrain experiment=demo` on each node.",
     )
-    sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    sub = p.add_subparsers(dest="mode", required=True, metavar="MODE", help="the launcher to use")
 
     def job_arg(s: argparse.ArgumentParser) -> None:
         s.add_argument("--script", help="run this Python file instead of 'python -m megavid.cli' (tests)")
         s.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
         s.add_argument("job", nargs=argparse.REMAINDER, help="-- JOB [config tokens]")
 
-    s = sub.add_parser("check-hostfile", help="validate a hostfile and probe its hosts by ssh")
-    s.add_argument("hostfile")
+    def probe_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--ssh-port", type=int, help="ssh port (default: ssh's own configuration)")
+        s.add_argument("--probe-timeout", type=float, default=5.0, help="seconds per host of the ssh probe")
+
+    s = sub.add_parser("check-hostfile", help="validate a hostfile and probe its hosts by ssh",
+                       description="Validate a hostfile ('host slots=N' lines) and probe every host with "
+                       "a non-interactive ssh.")
+    s.add_argument("hostfile", help="the hostfile to check")
     s.add_argument("--no-probe", action="store_true", help="only parse, do not ssh")
-    s.add_argument("--ssh-port", type=int)
-    s.add_argument("--probe-timeout", type=float, default=5.0)
+    probe_args(s)
     s.set_defaults(fn=_cmd_check_hostfile)
 
-    s = sub.add_parser("deepspeed", help="DeepSpeed launcher over a hostfile (pdsh/ssh)")
-    s.add_argument("--hostfile", required=True)
+    s = sub.add_parser("deepspeed", help="DeepSpeed launcher over a hostfile (pdsh/ssh)",
+                       description="Run the job on the hosts of a hostfile with DeepSpeed's launcher, "
+                       "after checking that every host answers ssh.")
+    s.add_argument("--hostfile", required=True, help="'host slots=N' lines, one per node")
     s.add_argument("--num-nodes", type=int, default=0, help="first N hosts (default: all)")
     s.add_argument("--num-gpus", type=int, default=0, help="processes per node (default: min slots)")
     s.add_argument("--master-addr", default="", help="default: the first host")
-    s.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
+    s.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT, help="rendezvous port on the master")
     s.add_argument("--launcher", default="pdsh", help="DeepSpeed backend: pdsh, openmpi, slurm, ...")
-    s.add_argument("--ssh-port", type=int)
     s.add_argument("--no-check", action="store_true", help="skip the ssh probe of every host")
-    s.add_argument("--probe-timeout", type=float, default=5.0)
+    probe_args(s)
     s.add_argument("--env-file", help="where to write the .deepspeed_env export file")
     job_arg(s)
     s.set_defaults(fn=_cmd_deepspeed)
 
-    s = sub.add_parser("torchrun", help="this node's torchrun (c10d rendezvous)")
-    s.add_argument("--nnodes", type=int, required=True)
-    s.add_argument("--nproc-per-node", type=int, default=1)
+    s = sub.add_parser("torchrun", help="this node's torchrun (c10d rendezvous)",
+                       description="Start this node's ranks with torchrun; run the same command on "
+                       "every node.")
+    s.add_argument("--nnodes", type=int, required=True, help="number of nodes")
+    s.add_argument("--nproc-per-node", type=int, default=1, help="ranks (GPUs) on this node")
     s.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0")
-    s.add_argument("--rdzv-id", default="megavid")
-    s.add_argument("--max-restarts", type=int, default=0)
-    s.add_argument("--node-rank", type=int)
-    s.add_argument("--local-addr")
+    s.add_argument("--rdzv-id", default="megavid", help="job id shared by all nodes")
+    s.add_argument("--max-restarts", type=int, default=0, help="restarts of all workers after a failure")
+    s.add_argument("--node-rank", type=int, help="fix this node's rank (static rendezvous)")
+    s.add_argument("--local-addr", help="address other nodes reach this node by")
     job_arg(s)
     s.set_defaults(fn=_cmd_torchrun)
 
-    s = sub.add_parser("slurm", help="inside an sbatch allocation: srun+torchrun or deepspeed")
-    s.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    s = sub.add_parser("slurm", help="inside an sbatch allocation: srun+torchrun or deepspeed",
+                       description="Inside an sbatch allocation: start the job on all its nodes with "
+                       "srun + torchrun, or with DeepSpeed's launcher.")
+    s.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+                   help="how ranks are started")
     s.add_argument("--nproc-per-node", type=int, help="default: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE")
-    s.add_argument("--max-restarts", type=int, default=0)
+    s.add_argument("--max-restarts", type=int, default=0, help="torchrun: restarts of all workers after a failure")
     s.add_argument("--hostfile", help="deepspeed: where to write the hostfile")
     job_arg(s)
     s.set_defaults(fn=_cmd_slurm)
 
-    s = sub.add_parser("make-sbatch", help="write an sbatch script for N nodes x G GPUs")
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--gpus-per-node", type=int, required=True)
-    s.add_argument("--time", default="24:00:00")
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--job-name", default="megavid")
-    s.add_argument("--cpus-per-task", type=int)
-    s.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    s = sub.add_parser("make-sbatch", help="write an sbatch script for N nodes x G GPUs",
+                       description="Write a ready-to-submit sbatch script (launchers/slurm.sbatch with "
+                       "its #SBATCH header filled in), the job baked in.")
+    s.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    s.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
+    s.add_argument("--time", default="24:00:00", help="wall-clock limit, HH:MM:SS or D-HH:MM:SS")
+    s.add_argument("--partition", help="SLURM partition")
+    s.add_argument("--account", help="SLURM account")
+    s.add_argument("--job-name", default="megavid", help="SLURM job name")
+    s.add_argument("--cpus-per-task", type=int, help="CPUs of each node's task (default: SLURM's)")
+    s.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+                   help="how the script starts ranks")
     s.add_argument("-o", "--output", help="file to write (default: stdout)")
     s.add_argument("job", nargs=argparse.REMAINDER, help="-- JOB [config tokens] baked into the script")
     s.set_defaults(fn=_cmd_make_sbatch)
@@ -308,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m megavid.launch``; user errors print one line and exit 2."""
+    """Entry point of ``megavid launch`` and ``python -m megavid.launch``; user errors (usage
+    mistakes too) print one line and exit 2."""
     ns = build_parser().parse_args(None if argv is None else list(argv))
     try:
         return int(ns.fn(ns) or 0)

@@ -7,8 +7,9 @@ import re
 import shlex
 from typing import Sequence
 
+from megavid.cluster import DEFAULT_MASTER_PORT
 from megavid.errors import LaunchError
-from megavid.launch.slurm import DEFAULT_MASTER_PORT, SlurmAllocation
+from megavid.launch.slurm import SlurmAllocation
 
 DEFAULT_MODULE = "megavid.cli"
 """The Python module every launcher runs: the same CLI a single-process run uses."""

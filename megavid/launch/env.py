@@ -1,10 +1,11 @@
-"""The environment every rank must share (.deepspeed_env), secrets in it, and the rank-0
-start-up report.
+"""The environment every rank must share (.deepspeed_env) and the secrets in it.
 
-Secrets (variables named like ``*TOKEN*``, ``*KEY*``, ``*SECRET*``, ``*PASSWORD*``) never go on
-a command line or into a log: every env we print goes through :func:`mask_env`, and the
-launcher hands them to other nodes only through a file that only its owner can read
-(:func:`write_env_script`, created by :func:`write_private_file`).
+Secrets (variables named like ``*TOKEN*``, ``*KEY*``, ``*SECRET*``, ``*PASSWORD*``:
+:func:`megavid.cluster.is_secret_name`) never go on a command line or into a log: every env we
+print goes through :func:`megavid.cluster.mask_env`, and the launcher hands them to other nodes
+only through a file that only its owner can read (:func:`write_env_script`, created by
+:func:`write_private_file`). The rank-0 start-up report is
+:func:`megavid.engine.dist.gather_launch_report`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from megavid.cluster import is_secret_name
 from megavid.errors import LaunchError
 
 # Environment a remote rank must see exactly as the launching shell does: network/NCCL settings
@@ -34,27 +36,6 @@ EXPORT_PREFIXES = (
     "TOKENIZERS_",
 )
 EXPORT_NAMES = ("PATH", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "CUDA_HOME")
-# The subset printed at start-up: what decides how ranks talk to each other.
-NETWORK_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "GLOO_", "FI_", "MASTER_")
-
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD")
-"""A variable whose name contains one of these (any case) holds a secret (HF_TOKEN,
-WANDB_API_KEY, MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY, ...), except TOKENIZER (Hugging
-Face's TOKENIZERS_PARALLELISM, which every launcher sets). A substring match: it also masks a
-few harmless names (NCCL_IB_PKEY), which costs nothing."""
-MASK = "***"
-_SECRET_RE = re.compile("|".join(w + ("(?!IZER)" if w == "TOKEN" else "") for w in SECRET_WORDS), re.IGNORECASE)
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether the variable ``name`` holds a secret (see :data:`SECRET_WORDS`)."""
-    return bool(_SECRET_RE.search(name))
-
-
-def mask_env(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` with the value of every secret variable replaced by ``***``: the one way any
-    environment is printed or logged (order kept)."""
-    return {k: (MASK if is_secret_name(k) else v) for k, v in env.items()}
 
 
 def split_secrets(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -72,52 +53,6 @@ def get_export_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         if (k.startswith(EXPORT_PREFIXES) or k in EXPORT_NAMES) and "\n" not in v
     }
     return dict(sorted(keep.items()))
-
-
-def get_network_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """NCCL / Gloo / rendezvous settings in effect (what rank 0 prints at start)."""
-    env = os.environ if environ is None else environ
-    return dict(sorted((k, v) for k, v in env.items() if k.startswith(NETWORK_PREFIXES)))
-
-
-def format_launch_report(ranks: Sequence[Mapping[str, object]], network_env: Mapping[str, str]) -> str:
-    """Multi-line start-up report: one line per rank (rank, host, local rank) + network settings.
-
-    Args:
-        ranks: one mapping per rank with at least ``rank``, ``host`` and ``local_rank``
-            (gathered from every rank by the caller, e.g. ``all_gather_object``).
-        network_env: from :func:`get_network_env` on rank 0.
-    """
-    lines = [f"launch: world_size={len(ranks)} hosts={len({r['host'] for r in ranks})}"]
-    for r in sorted(ranks, key=lambda r: int(r["rank"])):  # type: ignore[arg-type]
-        lines.append(f"launch: rank {r['rank']} host {r['host']} local_rank {r['local_rank']}")
-    for k, v in mask_env(network_env).items():
-        lines.append(f"launch: {k}={v}")
-    return "\n".join(lines)
-
-
-def gather_launch_report() -> str | None:
-    """Collect every rank's host name and local rank; rank 0 gets the start-up report.
-
-    A collective: every rank must call it after the process group is up (the engine does, right
-    after ``init_distributed``). Rank info comes from :func:`megavid.engine.dist.get_world_info`.
-
-    Returns:
-        The report on rank 0 (see :func:`format_launch_report`), None on other ranks.
-    """
-    import socket
-
-    import torch.distributed as tdist
-
-    from megavid.engine.dist import get_world_info
-
-    info = get_world_info()
-    row = {"rank": info.rank, "host": socket.gethostname(), "local_rank": info.local_rank}
-    rows: list = [row]
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        rows = [None] * tdist.get_world_size()
-        tdist.all_gather_object(rows, row)
-    return format_launch_report(rows, get_network_env()) if info.rank == 0 else None
 
 
 def read_user_deepspeed_env(dirs: Sequence[str | os.PathLike] = ("~", ".")) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""SLURM: node-list expansion (no scontrol), the allocation from ``SLURM_*``, the sbatch generator."""
+"""SLURM: the allocation from ``SLURM_*`` (node lists expanded without scontrol by
+:func:`megavid.cluster.expand_nodelist`), the sbatch generator."""
 
 from __future__ import annotations
 
@@ -9,80 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from megavid.cluster import DEFAULT_MASTER_PORT, expand_nodelist
 from megavid.errors import LaunchError
 
-DEFAULT_MASTER_PORT = 29500
 TEMPLATE_SBATCH = Path(__file__).resolve().parents[2] / "launchers" / "slurm.sbatch"
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise LaunchError(f"node list '{text}' has an unmatched ']'; check SLURM_JOB_NODELIST")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if depth:
-        raise LaunchError(f"node list '{text}' has an unmatched '['; check SLURM_JOB_NODELIST")
-    parts.append("".join(cur))
-    return parts
-
-
-def _expand_item(item: str, whole: str) -> list[str]:
-    start = item.find("[")
-    if start < 0:
-        return [item]
-    end = item.index("]", start)
-    prefix, body, rest = item[:start], item[start + 1 : end], item[end + 1 :]
-    values: list[str] = []
-    for part in body.split(","):
-        lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise LaunchError(
-                f"node list '{whole}': bad range '{part}' in '[{body}]'; "
-                f"expected numbers like node[01-04,07]"
-            )
-        if not sep:
-            values.append(lo)
-            continue
-        if int(hi) < int(lo):
-            raise LaunchError(f"node list '{whole}': range '{part}' runs backwards; write it low-high")
-        # SLURM pads every number in a range to the width of its first bound: n[08-10] -> n08 n09 n10
-        values += [str(k).zfill(len(lo)) for k in range(int(lo), int(hi) + 1)]
-    tails = _expand_item(rest, whole)
-    return [prefix + v + t for v in values for t in tails]
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM hostlist expression (``scontrol show hostnames`` without scontrol).
-
-    ``"node[01-04,07],gpu-a,rack[1-2]-n[1-2]"`` -> node01 node02 node03 node04 node07 gpu-a
-    rack1-n1 rack1-n2 rack2-n1 rack2-n2 (order kept, duplicates dropped).
-
-    Args:
-        nodelist: the expression, e.g. ``$SLURM_JOB_NODELIST``.
-
-    Raises:
-        LaunchError: unbalanced brackets, a bad range or an empty list.
-    """
-    nodes: list[str] = []
-    for item in _split_top_level(nodelist.strip()):
-        item = item.strip()
-        if not item:
-            continue
-        for node in _expand_item(item, nodelist):
-            if node not in nodes:
-                nodes.append(node)
-    if not nodes:
-        raise LaunchError(f"node list '{nodelist}' is empty; check SLURM_JOB_NODELIST")
-    return nodes
 
 
 @dataclass(frozen=True, slots=True)

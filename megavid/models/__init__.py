@@ -1,7 +1,8 @@
 """Models: TimeSformer video encoder, BERT text/fusion encoder, the combined VideoLM.
 
 ``build_model(model_cfg)`` looks ``model_cfg.name`` up in ``MODEL_REGISTRY`` (a dict filled by
-``@register_model``); TimeSformer variants live in ``timesformer.TIMESFORMER_VARIANTS``.
+``@register_model``); TimeSformer variants by name are the model configs
+(``configs/model/<name>.yaml``, :mod:`megavid.models.variants`).
 Models are plain single-device modules: no torch.distributed, DeepSpeed or data code here.
 """
 
@@ -40,7 +41,9 @@ def get_model_names() -> list[str]:
 def build_model(model_cfg: Any) -> nn.Module:
     """Build the model named by ``model_cfg.name`` (e.g. "videolm") from a ``ModelConfig``.
 
-    Applies ``model_cfg.kernel_impl``. Activation checkpointing (``model.grad_checkpointing``,
+    ``model_cfg.kernel_impl`` reaches the TimeSformer blocks at construction (a constructor
+    argument, like ``attn_impl``); the fused modules are swapped in afterwards
+    (:func:`apply_kernels`). Activation checkpointing (``model.grad_checkpointing``,
     ``grad_checkpointing_mode``) and ``model.compile`` are training decisions the engine applies
     (``megavid.engine.parallelize.apply_model_options``). Weight files named in the config are
     loaded by the task (``megavid.tasks.base.load_initial_weights``), not here.
@@ -62,9 +65,10 @@ def apply_kernels(model: nn.Module, impl: str) -> dict[str, int]:
     """Switch ``model`` to megavid.kernels' fused ops (before DeepSpeed wraps it).
 
     LayerNorms become residual-fused LayerNorms and timm-style MLPs bias+GELU-fused
-    (``apply_fused_kernels``; parameters and names unchanged), divided space-time blocks run
-    the fused block (``divided_block_forward``), BERT self-attention runs ``short_attention``
-    and BERT layers fuse each residual add into their post-norm.
+    (``apply_fused_kernels``; parameters and names unchanged), BERT self-attention runs
+    ``short_attention`` and BERT layers fuse each residual add into their post-norm. Divided
+    space-time blocks run the fused block when they were built with ``kernel_impl=impl``
+    (a TimeSformer constructor argument); a block built with another one is refused.
 
     Args:
         model: the model.
@@ -72,17 +76,22 @@ def apply_kernels(model: nn.Module, impl: str) -> dict[str, int]:
 
     Returns:
         counts of swapped modules, plus "divided_block", "bert_attention" and "bert_layer".
+
+    Raises:
+        ValueError: a divided space-time block built with another ``kernel_impl``.
     """
     from megavid.kernels import apply_fused_kernels, get_impl
 
     get_impl(impl)  # unknown names raise ConfigError listing the valid ones
+    blocks = [m for m in model.modules() if isinstance(m, Block) and m.attention_type == "divided_space_time"]
+    other = sorted({b.kernel_impl for b in blocks} - {impl})
+    if other:
+        raise ValueError(f"apply_kernels({impl!r}): divided space-time blocks were built with kernel_impl="
+                         f"{other[0]!r}; build the TimeSformer with kernel_impl={impl!r} (build_model does)")
     counts = apply_fused_kernels(model, impl)
-    counts.update(divided_block=0, bert_attention=0, bert_layer=0)
+    counts.update(divided_block=len(blocks), bert_attention=0, bert_layer=0)
     for m in model.modules():
-        if isinstance(m, Block) and m.attention_type == "divided_space_time":
-            m.kernel_impl = impl
-            counts["divided_block"] += 1
-        elif isinstance(m, BertSelfAttention):
+        if isinstance(m, BertSelfAttention):
             m.kernel_impl = impl
             counts["bert_attention"] += 1
         elif isinstance(m, BertLayer):

@@ -22,7 +22,7 @@ is patch ``n`` of frame ``t``. Attention modes:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,9 @@ class Block(nn.Module):
         drop_path: stochastic depth rate of this block.
         eps: LayerNorm epsilon.
         attn_impl: "sdpa" or "math".
+        kernel_impl: megavid.kernels implementation the divided space-time block runs as one
+            fused function ("triton", "apex", "auto"; "torch": the unfused path). Other
+            attention types ignore it.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         eps: float = 1e-6,
         attn_impl: str = "sdpa",
+        kernel_impl: str = "torch",
     ) -> None:
         super().__init__()
         self.attention_type = attention_type
@@ -140,8 +144,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = build_layer_norm(dim, eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.kernel_impl = "torch"
-        """megavid.kernels implementation of the fused divided block ('torch': unfused path)."""
+        self.kernel_impl = kernel_impl
         self.checkpoint_mode: str | None = None
         """Activation checkpointing of this block in training (set by the tower's
         ``set_grad_checkpointing``): None (off), 'full' (the whole block), 'attention' (each
@@ -253,6 +256,8 @@ class TimeSformer(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over blocks up to this rate.
         layer_norm_eps: LayerNorm epsilon.
         attn_impl: "sdpa" or "math".
+        kernel_impl: megavid.kernels implementation of the divided space-time blocks (see
+            :class:`Block`; "torch": unfused).
         rgb_diff: also feed the frame differences x[t] - x[t-1] as ``in_chans`` extra input
             channels (:func:`add_rgb_diff`; TSN's RGB difference), a motion cue from step one.
     """
@@ -273,6 +278,7 @@ class TimeSformer(nn.Module):
         drop_path_rate: float = 0.0,
         layer_norm_eps: float = 1e-6,
         attn_impl: str = "sdpa",
+        kernel_impl: str = "torch",
         rgb_diff: bool = False,
     ) -> None:
         super().__init__()
@@ -285,6 +291,7 @@ class TimeSformer(nn.Module):
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.rgb_diff = rgb_diff
+        self.kernel_impl = kernel_impl
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans * (2 if rgb_diff else 1), embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -296,6 +303,7 @@ class TimeSformer(nn.Module):
             Block(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 attention_type=attention_type, drop_path=dpr[i], eps=layer_norm_eps, attn_impl=attn_impl,
+                kernel_impl=kernel_impl,
             )
             for i in range(depth)
         )
@@ -356,7 +364,7 @@ class TimeSformer(nn.Module):
         # a real [B, 1, D] tensor, not a stride-0 view: the blocks see the same strides at
         # every depth (a compiled block would otherwise compile a second graph for block 0)
         cls = cls[:B].contiguous()
-        if self.attention_type == "divided_space_time" and all(b.kernel_impl == "torch" for b in self.blocks):
+        if self.attention_type == "divided_space_time" and self.kernel_impl == "torch":
             # Unfused divided blocks run on the split (cls, patches) layout: one concatenation
             # per forward instead of a slice + cat (and their backward copies) per block.
             x_split: Tokens = (cls, patches)
@@ -534,57 +542,19 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TimeSformer) -> dict
     return sd
 
 
-# --------------------------------------------------------------------------------------------
-# Variants
-# --------------------------------------------------------------------------------------------
-TIMESFORMER_VARIANTS: dict[str, Callable[..., TimeSformer]] = {}
-
-
-def register_timesformer(fn: Callable[..., TimeSformer]) -> Callable[..., TimeSformer]:
-    """Register a TimeSformer variant under its function name (duplicates raise)."""
-    if fn.__name__ in TIMESFORMER_VARIANTS:
-        raise ValueError(f"duplicate TimeSformer variant {fn.__name__!r}")
-    TIMESFORMER_VARIANTS[fn.__name__] = fn
-    return fn
-
-
-def create_timesformer(name: str, **overrides: Any) -> TimeSformer:
-    """Build a registered variant, e.g. ``create_timesformer("timesformer_tiny_test", num_frames=4)``.
-
-    Args:
-        name: a key of ``TIMESFORMER_VARIANTS``.
-        **overrides: constructor arguments replacing the variant's.
-    """
-    if name not in TIMESFORMER_VARIANTS:
-        raise ValueError(f"unknown TimeSformer variant {name!r}; valid: {', '.join(sorted(TIMESFORMER_VARIANTS))}")
-    return TIMESFORMER_VARIANTS[name](**overrides)
-
-
-def build_timesformer(video_cfg: Any, attn_impl: str = "sdpa") -> TimeSformer:
+def build_timesformer(video_cfg: Any, attn_impl: str = "sdpa", kernel_impl: str = "torch") -> TimeSformer:
     """TimeSformer from a ``VideoEncoderConfig``.
 
     Args:
         video_cfg: ``model.video`` section.
         attn_impl: ``model.attn_impl``.
+        kernel_impl: ``model.kernel_impl``.
     """
     return TimeSformer(
         img_size=video_cfg.img_size, patch_size=video_cfg.patch_size, num_frames=video_cfg.num_frames,
         in_chans=video_cfg.in_chans, embed_dim=video_cfg.embed_dim, depth=video_cfg.depth,
         num_heads=video_cfg.num_heads, mlp_ratio=video_cfg.mlp_ratio, qkv_bias=video_cfg.qkv_bias,
         attention_type=video_cfg.attention_type, drop_path_rate=video_cfg.drop_path_rate,
-        layer_norm_eps=video_cfg.layer_norm_eps, attn_impl=attn_impl, rgb_diff=video_cfg.rgb_diff,
+        layer_norm_eps=video_cfg.layer_norm_eps, attn_impl=attn_impl, kernel_impl=kernel_impl,
+        rgb_diff=video_cfg.rgb_diff,
     )
-
-
-@register_timesformer
-def timesformer_base_patch16_8x224(**kwargs: Any) -> TimeSformer:
-    """TimeSformer-B, divided space-time, 8 frames at 224² (121 M parameters)."""
-    args = dict(img_size=224, patch_size=16, num_frames=8, embed_dim=768, depth=12, num_heads=12)
-    return TimeSformer(**{**args, **kwargs})
-
-
-@register_timesformer
-def timesformer_tiny_test(**kwargs: Any) -> TimeSformer:
-    """A tiny TimeSformer for tests: 4 frames at 32², 2 blocks of width 64."""
-    args = dict(img_size=32, patch_size=16, num_frames=4, embed_dim=64, depth=2, num_heads=2)
-    return TimeSformer(**{**args, **kwargs})

@@ -100,7 +100,7 @@ class VideoLM(nn.Module):
         self.mlm_probability = cfg.mlm_probability
         self.mask_token_id = cfg.mask_token_id
         self.special_ids = (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id)
-        self.video_encoder: TimeSformer = build_timesformer(cfg.video, cfg.attn_impl)
+        self.video_encoder: TimeSformer = build_timesformer(cfg.video, cfg.attn_impl, cfg.kernel_impl)
         self.text_encoder: BertTextFusion = build_bert(cfg.text, cfg.video.embed_dim, cfg.attn_impl)
         Dv, Dt, P = cfg.video.embed_dim, cfg.text.hidden_size, cfg.proj_dim
         self.vision_proj = nn.Linear(Dv, P)

@@ -9,7 +9,6 @@ read by seeking to the JSON member (the media is not read, so a large folder is 
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import math
@@ -17,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from megavid.parser import Parser, doc_summary
 from megavid.errors import DataError
 from megavid.shards.format import list_shards, read_index, scan_tar
 
@@ -172,12 +172,17 @@ def get_bytes_per_clip_second(shard_dir: str | Path) -> float:
     return total / secs
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``megavid shard-stats DIR [DIR ...] [--json]``."""
-    p = argparse.ArgumentParser(prog="megavid shard-stats", description=__doc__.split("\n")[0])
+def build_parser() -> Parser:
+    """``megavid shard-stats``'s parser."""
+    p = Parser(prog="megavid shard-stats", description=doc_summary(__doc__))
     p.add_argument("dirs", nargs="+", metavar="DIR", help="shard folder(s)")
     p.add_argument("--json", action="store_true", help="print one JSON object per folder")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``megavid shard-stats DIR [DIR ...] [--json]``."""
+    args = build_parser().parse_args(argv)
     for d in args.dirs:
         stats = get_shard_stats(d)
         print(json.dumps(stats, sort_keys=True) if args.json else format_shard_stats(stats))

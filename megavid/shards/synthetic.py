@@ -388,7 +388,7 @@ def generate_synthetic(
     return summary
 
 
-def run_make_synthetic(cfg, overwrite: bool = False, resume: str | None = None) -> dict[str, Any]:
+def run_make_synthetic(cfg, overwrite: bool = False) -> dict[str, Any]:
     """``megavid make-synthetic``: generate ``cfg.data.synthetic`` under ``cfg.data.root``.
 
     Skips (and says so) when ``<root>/manifest.json`` records the same SyntheticConfig,
@@ -397,7 +397,6 @@ def run_make_synthetic(cfg, overwrite: bool = False, resume: str | None = None) 
     Args:
         cfg: the full :class:`megavid.config.Config`.
         overwrite: regenerate even if an identical dataset exists; replace a different one.
-        resume: unused (generation is fast and deterministic; kept for the CLI contract).
     """
     syn = cfg.data.synthetic
     check_synthetic_config(syn)

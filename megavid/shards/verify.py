@@ -7,7 +7,6 @@ consistent with its tar, and ``index.jsonl`` listing exactly the samples of the 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from megavid.parser import Parser, doc_summary
 from megavid.errors import DataError
 from megavid.shards.format import (
     VIDEO_EXTS,
@@ -201,12 +201,17 @@ def verify_shards(shard_dir: str | Path, *, decode: bool = True) -> list[str]:
     return problems
 
 
-def verify_main(argv: list[str] | None = None) -> int:
-    """``megavid verify-shards DIR [DIR ...]``: print problems; exit 1 if any."""
-    p = argparse.ArgumentParser(prog="megavid verify-shards", description=verify_shards.__doc__.split("\n")[0])
+def build_parser() -> Parser:
+    """``megavid verify-shards``'s parser."""
+    p = Parser(prog="megavid verify-shards", description=doc_summary(__doc__))
     p.add_argument("dirs", nargs="+", metavar="DIR", help="shard folder(s)")
     p.add_argument("--no-decode", action="store_true", help="skip decoding the videos")
-    args = p.parse_args(argv)
+    return p
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    """``megavid verify-shards DIR [DIR ...]``: print problems; exit 1 if any."""
+    args = build_parser().parse_args(argv)
     bad = 0
     for d in args.dirs:
         if not Path(d).is_dir():

@@ -1,33 +1,16 @@
 """Tasks: each builds data + model + loss for one job and plugs into the one engine loop.
 
-Registry: a dict filled by the ``register_task`` decorator; a duplicate name
-raises, an unknown name raises with the list of valid names.
+- :mod:`megavid.tasks.registry`: task name -> task class (``TASKS``, ``get_task``), and the
+  config a job runs its task with.
+- :mod:`megavid.tasks.base`: what every task shares (the task protocol, model building with
+  weight import, loaders) and the one training runner.
+- :mod:`megavid.tasks.evaluation`: what every evaluation job shares (the weights, the
+  set-up task and model, encoding a split, encoding texts).
+- One module per job beside them; no task module imports another's private names.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from megavid.tasks.registry import TASKS, get_task
 
-from megavid.errors import ConfigError
-
-TASKS: dict[str, type] = {}
-
-
-def register_task(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in TASKS:
-            raise ValueError(f"task '{name}' is registered twice ({TASKS[name]} and {cls})")
-        TASKS[name] = cls
-        cls.task_name = name
-        return cls
-
-    return deco
-
-
-def get_task(name: str) -> type:
-    # import the task modules so that their decorators run
-    from megavid.tasks import classification, pretrain, qa, retrieval  # noqa: F401
-
-    if name not in TASKS:
-        raise ConfigError(f"unknown task '{name}' (task.name); valid: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+__all__ = ["TASKS", "get_task"]

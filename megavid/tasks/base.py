@@ -1,5 +1,6 @@
 """What every video-text task shares: model building (with weight import), loaders, moving a
-batch to the device, and the task protocol the engine's Trainer drives.
+batch to the device, the task protocol the engine's Trainer drives, and the one training
+runner of the train jobs (:func:`train_task`).
 
 Tasks override ``training_forward`` (and ``evaluate``) rather than copying the loop:
 the loop itself lives in ``megavid.engine.trainer.Trainer``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from megavid.config import Config
-from megavid.errors import CheckpointError
+from megavid.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,9 @@ class VideoTextTask:
     def build_train_loader(self, rank: int, world_size: int):
         from megavid.data.build import build_loader
 
-        if not self.cfg.data.quarantine and not self.cfg.run.debug:
-            # DALI cannot skip a bad sample by itself: the ones it fails on are kept here
-            self.cfg.data.quarantine = str(self.cfg.run_dir / "quarantine.json")
-
+        data_cfg = dataclasses.replace(self.cfg.data, quarantine=get_quarantine(self.cfg))
         return build_loader(
-            self.cfg.data, self.cfg.data.train, train=True, rank=rank,
+            data_cfg, data_cfg.train, train=True, rank=rank,
             world_size=world_size, seed=self.cfg.run.seed,
         )
 
@@ -150,6 +149,52 @@ class VideoTextTask:
         return out
 
 
+def get_quarantine(cfg: Config) -> str:
+    """The quarantine file of a training run's loader (``data.quarantine``, read by the DALI
+    backend): the configured one, else ``<run_dir>/quarantine.json``, since DALI cannot skip
+    a bad sample by itself and a resumed run must not feed it the ones it failed on again;
+    '' (kept in memory) in debug runs, which write no files.
+
+    Args:
+        cfg: the resolved job config.
+    """
+    if cfg.data.quarantine or cfg.run.debug:
+        return cfg.data.quarantine
+    return str(cfg.run_dir / "quarantine.json")
+
+
+def get_data_file(cfg: Config, value: str, name: str) -> Path:
+    """A file a task's config names (labels, classes, benchmark files): absolute as given;
+    relative, looked up under ``data.root`` first (released annotation trees live beside the
+    shards, so configs name the files as they are released), then in the working directory.
+
+    Args:
+        cfg: the resolved config.
+        value: the path as configured.
+        name: the config key (for the error message).
+    """
+    p = Path(value)
+    if p.is_absolute():
+        return p
+    for cand in (Path(cfg.data.root) / p, p):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"{name}={value!r} is neither under data.root={cfg.data.root!r} nor in the "
+                      f"working directory; set data.root to the dataset folder or give {name} "
+                      "an absolute path")
+
+
+def check_data(cfg: Config, *splits: str) -> None:
+    """Fails fast, before any process group or model is built, when shards are missing."""
+    if cfg.data.name != "shards":
+        return
+    from megavid.data.table import get_split_spec
+    from megavid.shards.format import list_shards
+
+    for split in splits:
+        list_shards(get_split_spec(cfg.data, split), cfg.data.root)
+
+
 def get_eval_num_frames(cfg: Config) -> int:
     """Frames per clip of evaluation loaders: ``eval.num_frames``, or the training length.
 
@@ -184,6 +229,9 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
     the fix (evaluation): ``model.video.num_frames`` is the training length, recorded as such
     in results, and a different evaluation length is ``eval.num_frames``.
 
+    A checkpoint written before megavid kept the BERT pooler lacks it: the model's pooler is
+    kept (zero, or what ``model.text_weights`` imported), and that is logged.
+
     Args:
         model: the model built from ``cfg.model``.
         path: checkpoint folder, run directory or exported file.
@@ -193,6 +241,7 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
             every other missing or unexpected key is an error.
     """
     from megavid.engine.checkpoint import load_model_state, load_state_strict
+    from megavid.models.bert import POOLER_KEYS
     from megavid.models.timesformer import resize_time_embed
 
     state = load_model_state(path)
@@ -213,25 +262,90 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: Config, *,
                  path, key, t.shape[1], frames)
         state = {**state, key: resize_time_embed(t, frames)}
     missing = [k for k in model.state_dict() if k not in state]
-    fresh = [k for k in missing if k.startswith(new_heads)] if new_heads else []
-    if fresh and len(fresh) == len(missing):
-        log.info("%s has no %s: initialised fresh for this task", path,
-                 ", ".join(sorted({k.split(".")[0] for k in fresh})))
-        state = {**state, **{k: v for k, v in model.state_dict().items() if k in fresh}}
+    fresh = [k for k in missing if k.startswith(new_heads)]
+    pooler = [k for k in missing if k.endswith(tuple(f".{p}" for p in POOLER_KEYS))]
+    if (fresh or pooler) and len(fresh) + len(pooler) == len(missing):
+        if fresh:
+            log.info("%s has no %s: initialised fresh for this task", path,
+                     ", ".join(sorted({k.split(".")[0] for k in fresh})))
+        if pooler:
+            log.info("%s has no BERT pooler (written before megavid kept it): %s kept at their "
+                     "current values", path, ", ".join(pooler))
+        state = {**state, **{k: v for k, v in model.state_dict().items() if k in missing}}
     load_state_strict(model, state, path)  # another model size: one line, first keys named
+
+
+def get_initial_weights(cfg: Config) -> dict[str, Path]:
+    """The weights the model config imports, ``{"model.<key>": file or folder}`` in load
+    order; Hugging Face names of the tower weights resolved through the Hugging Face cache
+    (:func:`megavid.models.weights.resolve_weights`)."""
+    from megavid.models.weights import resolve_weights
+
+    mc = cfg.model
+    out = {}
+    if mc.weights:
+        out["model.weights"] = Path(mc.weights).expanduser()
+    if mc.text_weights:
+        out["model.text_weights"] = resolve_weights(mc.text_weights, "model.text_weights")
+    if mc.video_weights:
+        out["model.video_weights"] = resolve_weights(mc.video_weights, "model.video_weights", timm_names=True)
+    return out
 
 
 def load_initial_weights(model: nn.Module, cfg: Config) -> None:
     """Imports the weights named in the model config (strict; a report of what was loaded)."""
-    mc = cfg.model
-    if not (mc.weights or mc.text_weights or mc.video_weights):
-        return
     from megavid.models import weights as W
 
-    if mc.weights:
-        load_model_weights(model, mc.weights, cfg, resize_time=True, new_heads=NEW_HEAD_PREFIXES)
-        log.info("loaded model weights from %s", mc.weights)
-    if mc.text_weights:
-        W.load_bert_into(model.text_encoder, mc.text_weights)
-    if mc.video_weights:
-        W.load_video_into(model.video_encoder, mc.video_weights, mc.video)
+    for key, path in get_initial_weights(cfg).items():
+        if key == "model.weights":
+            blip = W.read_blip_alpro(path)
+            if blip is not None:  # BLIP / ALPRO pretraining weights, converted to our keys
+                W.load_blip_alpro_into(model, blip)  # logs its report
+                log.info("%s has the BLIP/ALPRO layout: converted to megavid's keys", path)
+            else:
+                load_model_weights(model, path, cfg, resize_time=True, new_heads=NEW_HEAD_PREFIXES)
+            log.info("loaded model weights from %s", path)
+        elif key == "model.text_weights":
+            W.load_bert_into(model.text_encoder, path)
+        else:
+            W.load_video_into(model.video_encoder, path, cfg.model.video)
+
+
+@dataclass
+class Trained:
+    """What a training job has after :func:`train_task`.
+
+    Attributes:
+        task: the trained task (set up: device, rank, its config).
+        summary: the trainer's summary (``Trainer.fit``).
+        model: the trained model, unwrapped from the DeepSpeed engine.
+    """
+
+    task: VideoTextTask
+    summary: dict
+    model: nn.Module
+
+
+def train_task(cfg: Config, task_cls: type[VideoTextTask], job: str, *, overwrite: bool = False,
+               resume: str | None = None, task_args: dict[str, Any] | None = None) -> Trained:
+    """The training of every train job: ``megavid <job>`` trains ``task_cls`` (its config
+    records that task, :func:`megavid.tasks.registry.job_config`); the train shards are checked
+    before any process group or model is built; the loop is the engine's one Trainer.
+
+    Args:
+        cfg: the resolved config.
+        task_cls: the task the job trains.
+        job: the subcommand (error messages).
+        overwrite: start afresh in an existing run directory.
+        resume: resume from this checkpoint.
+        task_args: keyword arguments of the task's constructor besides the config.
+    """
+    from megavid.engine.trainer import Trainer
+    from megavid.tasks.registry import job_config
+
+    cfg = job_config(cfg, job, task_cls.task_name)
+    check_data(cfg, cfg.data.train)
+    task = task_cls(cfg, **(task_args or {}))
+    trainer = Trainer(cfg, task, overwrite=overwrite, resume=resume)
+    summary = trainer.fit()
+    return Trained(task, summary, trainer.engine.module)

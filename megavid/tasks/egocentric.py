@@ -6,16 +6,16 @@ Inputs, as released (relative paths are looked up under ``data.root``, then the 
 directory; see ``configs/task/ek100_mir.yaml`` and ``configs/task/egomcq.yaml``):
 
 - EK-100 MIR (``epic-kitchens-100-annotations/retrieval_annotations/``):
-  ``task.cls.relevancy`` = ``relevancy/caption_relevancy_EPIC_100_retrieval_test.pkl`` (a pickled
-  float numpy array [videos, texts], 9668 x 3842), ``task.cls.relevancy_texts`` =
+  ``task.ego.relevancy`` = ``relevancy/caption_relevancy_EPIC_100_retrieval_test.pkl`` (a pickled
+  float numpy array [videos, texts], 9668 x 3842), ``task.ego.relevancy_texts`` =
   ``EPIC_100_retrieval_test_sentence.csv`` (``index,sentence``: the matrix's columns, in row
-  order), ``task.cls.relevancy_videos`` = ``EPIC_100_retrieval_test.csv`` (``narration_id``, ...,
+  order), ``task.ego.relevancy_videos`` = ``EPIC_100_retrieval_test.csv`` (``narration_id``, ...,
   ``start_timestamp``, ``stop_timestamp``, ``narration``: the matrix's rows, in row order). The
   shards of ``eval.split`` are made from that same CSV (``megavid make-shards --format
   epic_kitchens``: one sample per narration keyed by its ``narration_id``), and the rows are
   matched to samples by key, so shard order does not matter. Without ``relevancy_videos`` the
   rows must follow the split's samples in shard order.
-- EgoMCQ: ``task.cls.egomcq`` = EgoVLP's ``egomcq.json`` (``{question id: {"query": clip,
+- EgoMCQ: ``task.ego.egomcq`` = EgoVLP's ``egomcq.json`` (``{question id: {"query": clip,
   "choices": {"0".."4": clip}, "answer": int, "types": 1 (inter) | 2 (intra)}}``, a clip being an
   EgoClip row: ``video_uid``, ``clip_start``, ``clip_end``, ``clip_text``, ...). Its clips become
   shards through ``python -m megavid.tasks.egocentric egomcq-clips egomcq.json clips.jsonl`` then
@@ -39,10 +39,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from megavid.config import Config, to_dict
 from megavid.errors import ConfigError, DataError
+from megavid.tasks.base import get_data_file
+from megavid.tasks.evaluation import encode_texts, open_eval, select_eval_weights
+from megavid.tasks.features import get_split_features
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -68,7 +70,7 @@ def load_relevancy(path: str | Path) -> torch.Tensor:
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"task.cls.relevancy={str(p)!r} does not exist; point it at EK-100's "
+        raise ConfigError(f"task.ego.relevancy={str(p)!r} does not exist; point it at EK-100's "
                           "caption_relevancy_*.pkl (or a .npy/.pt matrix)")
     try:
         if p.suffix == ".pkl":
@@ -91,7 +93,7 @@ def read_queries(path: str | Path) -> list[str]:
     ``index,sentence``) or ``narration`` column, or one query per line."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"task.cls.relevancy_texts={str(p)!r} does not exist")
+        raise ConfigError(f"task.ego.relevancy_texts={str(p)!r} does not exist")
     text = p.read_text(encoding="utf-8-sig")
     if p.suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
@@ -111,7 +113,7 @@ def read_relevancy_rows(path: str | Path) -> list[str]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"task.cls.relevancy_videos={str(p)!r} does not exist; point it at "
+        raise ConfigError(f"task.ego.relevancy_videos={str(p)!r} does not exist; point it at "
                           "EK-100's EPIC_100_retrieval_test.csv")
     return [r.key for r in read_annotations(p, "epic_kitchens")]
 
@@ -133,18 +135,6 @@ def align_rows(keys: list[str], row_keys: list[str]) -> torch.Tensor:
     return torch.tensor([index[k] for k in row_keys], dtype=torch.long)
 
 
-@torch.no_grad()
-def encode_texts(model: nn.Module, task: Any, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """[n, P] normalised text features of ``texts`` (CPU, float32)."""
-    from megavid.data.text import tokenize
-
-    out = []
-    for s in range(0, len(texts), batch_size):
-        ids, mask = tokenize(task.tokenizer, texts[s:s + batch_size], task.cfg.data.max_text_len)
-        out.append(model.encode_text(ids.to(task.device), mask.to(task.device))[1].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def ek100_mir(video_feat: torch.Tensor, text_feat: torch.Tensor, relevancy_VT: torch.Tensor) -> dict[str, float]:
     """EK-100 MIR metrics of features: sim = text @ video.T against the [V, T] relevancy.
 
@@ -159,8 +149,8 @@ def ek100_mir(video_feat: torch.Tensor, text_feat: torch.Tensor, relevancy_VT: t
         raise DataError(
             f"relevancy matrix is {tuple(relevancy_VT.shape)} but the split has "
             f"{video_feat.shape[0]} videos and {text_feat.shape[0]} queries; the rows must follow "
-            "the split's samples (or name them: task.cls.relevancy_videos) and the columns "
-            "task.cls.relevancy_texts")
+            "the split's samples (or name them: task.ego.relevancy_videos) and the columns "
+            "task.ego.relevancy_texts")
     sim = text_feat.double() @ video_feat.double().T
     return ek100_mir_metrics(sim, relevancy_VT.T)
 
@@ -207,7 +197,7 @@ def load_egomcq(path: str | Path) -> list[dict[str, Any]]:
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"task.cls.egomcq={str(p)!r} does not exist")
+        raise ConfigError(f"task.ego.egomcq={str(p)!r} does not exist")
     try:
         data = json.loads(p.read_text())
     except ValueError as e:
@@ -275,51 +265,49 @@ def egomcq(video_feat: torch.Tensor, keys: list[str], text_feat: torch.Tensor,
 
 
 def run_eval_egocentric(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
-    """`megavid eval-egocentric`: EK-100 MIR (``task.cls.relevancy``) and/or EgoMCQ
-    (``task.cls.egomcq``) on ``eval.split``; writes ``<run_dir>/eval/egocentric_<split>.json``.
+    """`megavid eval-egocentric`: EK-100 MIR (``task.ego.relevancy``) and/or EgoMCQ
+    (``task.ego.egomcq``) on ``eval.split``; writes
+    ``<run_dir>/eval/egocentric_<split>_step<N>.json`` (without a recorded step: named by the
+    weights file's stem, or ``_imported``; :func:`megavid.eval.results.results_path`).
 
     Args:
         cfg: the resolved config.
-        overwrite: re-extract the split's features even when the cache matches.
-        resume: the checkpoint (default: eval.checkpoint or the run's latest).
+        overwrite: replace an existing results file (else it is refused before evaluating),
+            and re-extract the split's features even when the cache matches.
+        resume: the checkpoint (default: eval.checkpoint, the run's latest, or the model
+            config's imported weights in a run folder without weights).
     """
-    from megavid.eval.results import write_results
-    from megavid.tasks.base import VideoTextTask
-    from megavid.tasks.classification import (
-        _setup, get_data_file, load_videolm, resolve_eval_checkpoint,
-    )
-    from megavid.tasks.features import get_split_features
+    from megavid.eval.results import results_path, write_results
 
-    c = cfg.task.cls
+    c = cfg.task.ego
     if not (c.relevancy or c.egomcq):
-        raise ConfigError("nothing to evaluate: set task.cls.relevancy (+ relevancy_texts) for "
-                          "EK-100 MIR and/or task.cls.egomcq for EgoMCQ")
+        raise ConfigError("nothing to evaluate: set task.ego.relevancy (+ relevancy_texts) for "
+                          "EK-100 MIR and/or task.ego.egomcq for EgoMCQ")
     if c.relevancy and not c.relevancy_texts:
-        raise ConfigError("task.cls.relevancy needs task.cls.relevancy_texts (the query sentences)")
+        raise ConfigError("task.ego.relevancy needs task.ego.relevancy_texts (the query sentences)")
     # the benchmark files are read first: a wrong path fails before any video is decoded
     if c.relevancy:
-        queries = read_queries(get_data_file(cfg, c.relevancy_texts, "task.cls.relevancy_texts"))
-        relevancy = load_relevancy(get_data_file(cfg, c.relevancy, "task.cls.relevancy"))
-        rows = (read_relevancy_rows(get_data_file(cfg, c.relevancy_videos, "task.cls.relevancy_videos"))
+        queries = read_queries(get_data_file(cfg, c.relevancy_texts, "task.ego.relevancy_texts"))
+        relevancy = load_relevancy(get_data_file(cfg, c.relevancy, "task.ego.relevancy"))
+        rows = (read_relevancy_rows(get_data_file(cfg, c.relevancy_videos, "task.ego.relevancy_videos"))
                 if c.relevancy_videos else None)
     if c.egomcq:
-        items = load_egomcq(get_data_file(cfg, c.egomcq, "task.cls.egomcq"))
-    ckpt = resolve_eval_checkpoint(cfg, resume)
-    task = VideoTextTask(cfg)
-    _setup(task)
-    model = load_videolm(cfg, task, ckpt)
-    feats = get_split_features(cfg, task, model, cfg.eval.split, ckpt, cache=not overwrite)
+        items = load_egomcq(get_data_file(cfg, c.egomcq, "task.ego.egomcq"))
+    weights = select_eval_weights(cfg, resume)
+    out = results_path(cfg.run_dir, "egocentric", cfg.eval.split, step=weights.step, weights=weights.name,
+                       overwrite=overwrite)
+    task, model = open_eval(cfg, weights)
+    feats = get_split_features(cfg, task, model, cfg.eval.split, weights.path, cache=not overwrite)
     result: dict[str, Any] = {"split": cfg.eval.split, "num_samples": len(feats["keys"])}
     if c.relevancy:
         video = feats["video"] if rows is None else feats["video"][align_rows(feats["keys"], rows)]
-        result["ek100_mir"] = ek100_mir(video, encode_texts(model, task, queries), relevancy)
+        result["ek100_mir"] = ek100_mir(video, encode_texts(model, queries, task)[0], relevancy)
     if c.egomcq:
         result["egomcq"] = egomcq(feats["video"], feats["keys"],
-                                  encode_texts(model, task, [it["query"] for it in items]), items)
+                                  encode_texts(model, [it["query"] for it in items], task)[0], items)
         result["egomcq"]["chance"] = 100.0 / len(items[0]["choices"])
     if task.rank == 0:
-        out = Path(cfg.run_dir) / "eval" / f"egocentric_{cfg.eval.split}.json"
-        write_results(out, result, to_dict(cfg), ckpt)
+        write_results(out, result, to_dict(cfg), weights.path, step=weights.step, imported=weights.imported)
         for name in ("ek100_mir", "egomcq"):
             if name in result:
                 print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result[name].items()))
@@ -349,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["align_rows", "egomcq", "egomcq_clip_annotations", "egomcq_clip_key", "ek100_mir",
-           "encode_texts", "load_egomcq", "load_relevancy", "main", "read_queries",
-           "read_relevancy_rows", "run_eval_egocentric"]
+           "load_egomcq", "load_relevancy", "main", "read_queries", "read_relevancy_rows",
+           "run_eval_egocentric"]
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from torch import nn
 
 from megavid.config import Config, to_dict
 from megavid.errors import DataError
+from megavid.tasks.base import VideoTextTask, get_eval_num_frames
+from megavid.tasks.evaluation import encode_split, open_eval, select_eval_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,9 @@ FEATURE_NAMES = ("video", "video_pooled", "text")
 
 
 @torch.no_grad()
-def extract_split_features(model: nn.Module, loader: Any, task: Any) -> dict[str, Any]:
-    """Features of every sample of a loader's split, in dataset order, each sample once.
+def extract_split_features(model: nn.Module, loader: Any, task: VideoTextTask) -> dict[str, Any]:
+    """Features of every sample of a loader's split, in dataset order, each sample once
+    (:func:`megavid.tasks.evaluation.encode_split`).
 
     Args:
         model: a VideoLM (eval mode).
@@ -47,32 +50,17 @@ def extract_split_features(model: nn.Module, loader: Any, task: Any) -> dict[str
         {"keys", "meta", "captions", "video" [N, P], "video_pooled" [N, Dv], "text" [N, P]}
         (float32, CPU).
     """
-    from megavid.eval.gather import gather_features, gather_objects
 
-    model.eval()
-    feats: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURE_NAMES}
-    keys, metas, caps, valids, indices = [], [], [], [], []
-    for batch in loader:
+    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         b = task.to_device(batch)
         # encode_video = vision_proj(pooled) normalised: one tower pass gives both features
         _, pooled = model.video_encoder(b["video"])
-        feats["video_pooled"].append(pooled.float().cpu())
-        feats["video"].append(F.normalize(model.vision_proj(pooled), dim=-1).float().cpu())
-        feats["text"].append(model.encode_text(b["input_ids"], b["attention_mask"])[1].float().cpu())
-        keys += batch["keys"]
-        metas += batch["meta"]
-        caps += batch["captions"]
-        valids.append(batch.get("valid", torch.ones(len(batch["keys"]), dtype=torch.bool)))
-        indices.append(batch.get("indices"))
-    valid = torch.cat(valids)
-    # each rank reads its own part of the split (not a contiguous block): the samples' dataset
-    # indices put the gathered rows back in dataset order, as one process would give them
-    index = torch.cat(indices) if indices and all(i is not None for i in indices) else None
-    out: dict[str, Any] = {k: gather_features(torch.cat(v), valid, indices=index)
-                           for k, v in feats.items()}
-    for name, objs in (("keys", keys), ("meta", metas), ("captions", caps)):
-        out[name] = gather_objects(objs, valid, indices=index)
-    return out
+        return {"video": F.normalize(model.vision_proj(pooled), dim=-1).float(),
+                "video_pooled": pooled.float(),
+                "text": model.encode_text(b["input_ids"], b["attention_mask"])[1].float()}
+
+    model.eval()
+    return encode_split(loader, encode)
 
 
 def write_features(feats: dict[str, Any], out_dir: str | Path, fmt: str = "pt") -> Path:
@@ -138,16 +126,19 @@ def load_features(folder: str | Path) -> dict[str, Any]:
 
 
 def _cache_signature(cfg: Config, split: str) -> dict[str, Any]:
-    """What the features of a split depend on besides the weights."""
+    """What the features of a split depend on besides the checkpoint (and the weights the
+    model config imports, when it does: tower weights alone have no checkpoint hash)."""
     from megavid.data.table import get_split_spec
-    from megavid.tasks.base import get_eval_num_frames  # clips come from build_eval_loader
 
-    return {"split": split, "shards": str(get_split_spec(cfg.data, split)), "root": cfg.data.root,
-            "num_frames": get_eval_num_frames(cfg), "img_size": cfg.data.img_size,
-            "max_text_len": cfg.data.max_text_len, "tokenizer": cfg.data.tokenizer}
+    sig = {"split": split, "shards": str(get_split_spec(cfg.data, split)), "root": cfg.data.root,
+           "num_frames": get_eval_num_frames(cfg), "img_size": cfg.data.img_size,
+           "max_text_len": cfg.data.max_text_len, "tokenizer": cfg.data.tokenizer}
+    imported = {k: getattr(cfg.model, k) for k in ("weights", "text_weights", "video_weights")
+                if getattr(cfg.model, k)}
+    return {**sig, "imported": imported} if imported else sig
 
 
-def get_split_features(cfg: Config, task: Any, model: nn.Module, split: str, ckpt: str | None,
+def get_split_features(cfg: Config, task: VideoTextTask, model: nn.Module, split: str, ckpt: str | None,
                        *, fmt: str | None = None, cache: bool = True) -> dict[str, Any]:
     """Features of a split, extracted once and cached under ``<run_dir>/features/<split>``.
 
@@ -196,17 +187,13 @@ def run_extract_features(cfg: Config, *, overwrite: bool = False, resume: str | 
     Args:
         cfg: the resolved config (``eval.checkpoint``, ``task.cls.features_format``).
         overwrite: re-extract even when a matching cache exists.
-        resume: the checkpoint to use (default: eval.checkpoint, or the run's latest;
-            ``random`` for a random-init model).
+        resume: the checkpoint to use (default: eval.checkpoint, the run's latest, or the
+            model config's imported weights in a run folder without weights; ``random`` for a
+            random-init model).
     """
-    from megavid.tasks.base import VideoTextTask
-    from megavid.tasks.classification import _setup, load_videolm, resolve_eval_checkpoint
-
-    ckpt = resolve_eval_checkpoint(cfg, resume, allow_random=True)
-    task = VideoTextTask(cfg)
-    _setup(task)
-    model = load_videolm(cfg, task, ckpt)
-    feats = get_split_features(cfg, task, model, cfg.eval.split, ckpt, cache=not overwrite)
+    weights = select_eval_weights(cfg, resume, allow_random=True)
+    task, model = open_eval(cfg, weights)
+    feats = get_split_features(cfg, task, model, cfg.eval.split, weights.path, cache=not overwrite)
     folder = Path(cfg.run_dir) / "features" / cfg.eval.split
     if task.rank == 0:
         print(f"extract-features: {len(feats['keys'])} clips of '{cfg.eval.split}' -> {folder}")

@@ -8,23 +8,26 @@ its score on ``eval.split`` is reported (top-1/top-5, or mAP for multi-label).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from megavid.config import Config, to_dict
+from megavid.config import Config
 from megavid.errors import ConfigError
+from megavid.tasks.class_results import chance_levels, write_class_results
+from megavid.tasks.evaluation import open_eval, select_eval_weights
+from megavid.tasks.features import get_split_features
+from megavid.tasks.labels import LabelSpace, build_label_space
 
 FEATURE = "video_pooled"
 """The probed feature: the video tower's pooled token (before the VTC projection)."""
 
 
-def probe_features(train: dict[str, Any], val: dict[str, Any], test: dict[str, Any], labels: Any,
+def probe_features(train: dict[str, Any], val: dict[str, Any], test: dict[str, Any], labels: LabelSpace,
                    *, weight_decays: list[float], max_iter: int = 300) -> dict[str, Any]:
     """Fit the sweep on ``train``, choose on ``val``, score on ``test``.
 
     Args:
         train, val, test: feature dicts (``get_split_features``) with "meta" and ``FEATURE``.
-        labels: a :class:`~megavid.tasks.classification.LabelSpace`.
+        labels: the label space.
         weight_decays: the L2 sweep.
         max_iter: L-BFGS iterations per fit.
 
@@ -51,20 +54,18 @@ def probe_features(train: dict[str, Any], val: dict[str, Any], test: dict[str, A
 
 def run_linear_probe(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
     """`megavid linear-probe`: probe a frozen checkpoint; writes
-    ``<run_dir>/eval/linear_probe_<split>.json``.
+    ``<run_dir>/eval/linear_probe_<split>_step<N>.json`` (without a recorded step: named by the
+    weights file's stem, ``_imported`` or ``_random``; :func:`megavid.eval.results.results_path`).
 
     Args:
         cfg: the resolved config (``task.cls`` for labels and the sweep; ``eval.checkpoint``,
             ``random`` for a randomly initialised encoder baseline).
-        overwrite: re-extract features even when the cache matches.
-        resume: the checkpoint to probe (default: eval.checkpoint or the run's latest).
+        overwrite: replace an existing results file (else it is refused before probing), and
+            re-extract features even when the cache matches.
+        resume: the checkpoint to probe (default: eval.checkpoint, the run's latest, or the
+            model config's imported weights in a run folder without weights).
     """
-    from megavid.eval.results import write_results
-    from megavid.tasks.base import VideoTextTask
-    from megavid.tasks.classification import (
-        _chance, _setup, build_label_space, load_videolm, resolve_eval_checkpoint, write_scores,
-    )
-    from megavid.tasks.features import get_split_features
+    from megavid.eval.results import results_path
 
     c = cfg.task.cls
     if not c.probe_weight_decays:
@@ -73,26 +74,24 @@ def run_linear_probe(cfg: Config, *, overwrite: bool = False, resume: str | None
     if splits["test"] in ("train", "val", cfg.data.train, cfg.data.val):
         raise ConfigError(f"eval.split={cfg.eval.split!r} is a split the probe is fitted or chosen "
                           "on; report on a held-out split (e.g. eval.split=test)")
-    ckpt = resolve_eval_checkpoint(cfg, resume, allow_random=True)
-    task = VideoTextTask(cfg)
-    _setup(task)
+    weights = select_eval_weights(cfg, resume, allow_random=True)
+    out = results_path(cfg.run_dir, "linear_probe", cfg.eval.split, step=weights.step,
+                       weights=weights.name, overwrite=overwrite)
     labels = build_label_space(cfg)
-    model = load_videolm(cfg, task, ckpt)
+    task, model = open_eval(cfg, weights)
     feats = {name: get_split_features(cfg, task, model, name if name != "test" else cfg.eval.split,
-                                      ckpt, cache=not overwrite)
+                                      weights.path, cache=not overwrite)
              for name in splits}
     result = probe_features(feats["train"], feats["val"], feats["test"], labels,
                             weight_decays=list(c.probe_weight_decays), max_iter=c.probe_max_iter)
     scores, targets = result.pop("test_scores"), result.pop("test_targets")
     result.update({"split": cfg.eval.split, "feature": FEATURE, "labels": labels.to_dict(),
-                   "chance": _chance(targets, labels)})
+                   "chance": chance_levels(targets, labels)})
     if task.rank == 0:
-        out = Path(cfg.run_dir) / "eval" / f"linear_probe_{cfg.eval.split}.json"
-        result["scores"] = write_scores(out.with_name(f"{out.stem}_scores.pt"), feats["test"]["keys"],
-                                        scores, targets, labels)
-        write_results(out, result, to_dict(cfg), ckpt)
+        write_class_results(out, result, cfg, feats["test"]["keys"], scores, targets, labels,
+                            weights.path, step=weights.step, imported=weights.imported)
         m = result["metrics"]
-        print(f"linear probe ({'random init' if ckpt is None else ckpt}) on {result['num_test']} "
+        print(f"linear probe ({weights.describe()}) on {result['num_test']} "
               f"clips of '{cfg.eval.split}': " + ", ".join(f"{k} {v:.1f}" for k, v in m.items())
               + f" (weight decay {result['weight_decay']:g}; chance {result['chance']})\nresults: {out}")
     return result

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from megavid.config import Config
-from megavid.tasks import register_task
-from megavid.tasks.base import VideoTextTask
+from megavid.tasks.base import VideoTextTask, train_task
+from megavid.tasks.registry import get_task
 
 
-@register_task("pretrain")
 class PretrainTask(VideoTextTask):
     """Video-text pretraining; the objectives and their weights come from ``cfg.model``."""
+
+    task_name = "pretrain"
 
     def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         b = self.to_device(batch)
@@ -29,21 +30,5 @@ class PretrainTask(VideoTextTask):
 
 
 def run_pretrain(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
-    """`megavid pretrain`: trains ``cfg.task.name`` (default pretrain) with the engine."""
-    from megavid.engine.trainer import Trainer
-    from megavid.tasks import get_task
-
-    check_data(cfg, cfg.data.train)
-    task = get_task(cfg.task.name)(cfg)
-    return Trainer(cfg, task, overwrite=overwrite, resume=resume).fit()
-
-
-def check_data(cfg: Config, *splits: str) -> None:
-    """Fails fast, before any process group or model is built, when shards are missing."""
-    if cfg.data.name != "shards":
-        return
-    from megavid.data.table import get_split_spec
-    from megavid.shards.format import list_shards
-
-    for split in splits:
-        list_shards(get_split_spec(cfg.data, split), cfg.data.root)
+    """`megavid pretrain`: trains the task ``task.name`` names (default pretrain) with the engine."""
+    return train_task(cfg, get_task(cfg.task.name), "pretrain", overwrite=overwrite, resume=resume).summary

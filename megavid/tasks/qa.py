@@ -1,9 +1,12 @@
 """Open-ended video QA finetuning (MSRVTT-QA / MSVD-QA / ActivityNet-QA style, and the synthetic
 moving-shapes QA): answer classification over a vocabulary of the most frequent training answers.
 
-- Answer vocabulary: the ``model.num_answers`` most frequent answers of the training split's QA
-  pairs (ties broken alphabetically, so every rank and every re-run builds the same list),
-  saved as ``<run_dir>/answers.json``.
+- Answers: every answer (training, ground truth, prediction) is taken through
+  :func:`megavid.eval.qa.normalize_answer` (lower-case, stripped, inner whitespace collapsed),
+  as the benchmarks' exact-match scoring is done there; the shards keep the released text.
+- Answer vocabulary: the ``model.num_answers`` most frequent normalised answers of the training
+  split's QA pairs (ties broken alphabetically, so every rank and every re-run builds the same
+  list), saved as ``<run_dir>/answers.json``.
 - Training: each training sample contributes up to ``task.qa_pairs_per_sample`` of its QA pairs
   (all of them when it has no more; else a choice seeded from (run seed, epoch, sample index),
   so a resumed run picks the same pairs). The clip is encoded once and its questions share its
@@ -12,7 +15,9 @@ moving-shapes QA): answer classification over a vocabulary of the most frequent 
   Questions whose answer is outside the vocabulary are skipped and counted (``qa_skipped_oov``).
 - Evaluation: every QA pair of every held-out sample; accuracy overall and per question type
   (an out-of-vocabulary answer counts as a wrong prediction), the majority-answer baseline of
-  the same questions, a predictions JSONL and a results JSON with the checkpoint hash.
+  the same questions, a predictions JSONL keyed by question id (``qid``: the annotation's id,
+  e.g. MSRVTT-QA's ``id``; ``<key>/<n>`` for the n-th QA pair of a sample without ids) and a
+  results JSON with the checkpoint hash.
 
 The loop is the engine's ``Trainer``; this module only supplies the task.
 """
@@ -33,9 +38,9 @@ from torch import nn
 
 from megavid.config import Config, to_dict
 from megavid.errors import ConfigError, DataError
-from megavid.tasks import register_task
+from megavid.eval.qa import normalize_answer
 from megavid.data.table import read_split_meta
-from megavid.tasks.base import VideoTextTask, get_frame_counts
+from megavid.tasks.base import VideoTextTask, get_frame_counts, train_task
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,6 @@ def _qa_pairs(meta: dict[str, Any]) -> list[dict[str, Any]]:
             and isinstance(qa.get("answer"), str)]
 
 
-@register_task("qa")
 class QATask(VideoTextTask):
     """Video QA as classification over the answer vocabulary.
 
@@ -76,9 +80,17 @@ class QATask(VideoTextTask):
         cfg: the resolved job config (``model.num_answers`` > 0).
         overwrite: a run directory's ``answers.json`` that disagrees with the data is replaced
             instead of raising.
+
+    Raises:
+        ConfigError: no QA head (``model.num_answers`` < 1), before anything is built.
     """
 
+    task_name = "qa"
+
     def __init__(self, cfg: Config, *, overwrite: bool = False) -> None:
+        if cfg.model.num_answers < 1:
+            raise ConfigError("QA finetuning needs a QA head: set model.num_answers (the answer "
+                              "vocabulary size, e.g. model.num_answers=1000)")
         super().__init__(cfg)
         self.overwrite = overwrite
         self.answers: list[str] = []
@@ -97,7 +109,8 @@ class QATask(VideoTextTask):
             raise DataError(
                 f"the training split '{self.cfg.data.train}' has no QA pairs (sample JSON field "
                 "'qa': [{question, answer, type}]); make the shards from a QA annotation file")
-        self.train_answers = [(qa["answer"], str(qa.get("type", "all"))) for qa in pairs]
+        self.train_answers = [(normalize_answer(qa["answer"]), str(qa.get("type", "all")))
+                              for qa in pairs]
         answers = build_answer_vocab((a for a, _ in self.train_answers), k)
         covered = sum(a in set(answers) for a, _ in self.train_answers)
         log.info("answer vocabulary: %d answers (model.num_answers=%d) cover %d of %d training "
@@ -128,12 +141,6 @@ class QATask(VideoTextTask):
         if not self.answers:
             self.build_vocab()
 
-    def build_model(self) -> nn.Module:
-        if self.cfg.model.num_answers < 1:
-            raise ConfigError("QA finetuning needs a QA head: set model.num_answers (the answer "
-                              "vocabulary size, e.g. model.num_answers=1000)")
-        return super().build_model()
-
     def build_train_loader(self, rank: int, world_size: int):
         # kept so training_forward knows the epoch of the batch (the seeded QA choice)
         self._train_loader = super().build_train_loader(rank, world_size)
@@ -160,7 +167,7 @@ class QATask(VideoTextTask):
                 pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), k, replace=False).tolist())]
             for qa in pairs:
                 questions.append(qa["question"])
-                labels.append(self.answer_to_id.get(qa["answer"], -1))
+                labels.append(self.answer_to_id.get(normalize_answer(qa["answer"]), -1))
                 rows.append(j)
         return questions, torch.tensor(labels, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
 
@@ -207,7 +214,8 @@ class QATask(VideoTextTask):
         """Predictions for every QA pair of ``split``, each once across ranks, in index order.
 
         Returns:
-            [{"key", "question", "answer", "prediction", "type", "in_vocab"}].
+            [{"qid", "key", "question", "answer", "prediction", "type", "in_vocab"}]: the
+            annotation's answer as stored, the prediction a vocabulary entry.
         """
         from megavid.data.text import tokenize
         from megavid.eval.gather import gather_objects
@@ -220,24 +228,26 @@ class QATask(VideoTextTask):
         valids: list[bool] = []
         n_ans = len(self.answers)
         for batch in loader:
-            rows = [(i, qa) for i, m in enumerate(batch["meta"]) for qa in _qa_pairs(m)]
+            rows = [(i, n, qa) for i, m in enumerate(batch["meta"])
+                    for n, qa in enumerate(_qa_pairs(m))]
             recs: list[list[dict[str, Any]]] = [[] for _ in batch["meta"]]
             if rows:
                 b = self.to_device(batch)
                 tokens, _ = model.encode_video(b["video"])
-                ids, mask = tokenize(self.tokenizer, [qa["question"] for _, qa in rows],
+                ids, mask = tokenize(self.tokenizer, [qa["question"] for _, _, qa in rows],
                                      self.cfg.data.max_text_len)
-                vid = torch.tensor([i for i, _ in rows], device=tokens.device)
+                vid = torch.tensor([i for i, _, _ in rows], device=tokens.device)
                 # only the vocabulary's columns: a head wider than the vocabulary (fewer distinct
                 # training answers than model.num_answers) never predicts an unused slot
                 logits = model.qa_logits(tokens[vid], ids.to(self.device), mask.to(self.device))
                 pred = logits[:, :n_ans].float().argmax(-1).tolist()
-                for (i, qa), p in zip(rows, pred):
+                for (i, n, qa), p in zip(rows, pred):
+                    key = batch["keys"][i]
                     recs[i].append({
-                        "key": batch["keys"][i], "question": qa["question"],
-                        "answer": qa["answer"], "prediction": self.answers[p],
-                        "type": str(qa.get("type", "all")),
-                        "in_vocab": qa["answer"] in self.answer_to_id})
+                        "qid": qa.get("qid", f"{key}/{n}"), "key": key,
+                        "question": qa["question"], "answer": qa["answer"],
+                        "prediction": self.answers[p], "type": str(qa.get("type", "all")),
+                        "in_vocab": normalize_answer(qa["answer"]) in self.answer_to_id})
             per_sample += recs
             valids += batch.get("valid", torch.ones(len(recs), dtype=torch.bool)).tolist()
         gathered = gather_objects(per_sample, valids)
@@ -282,10 +292,12 @@ def run_finetune_qa(cfg: Config, *, overwrite: bool = False, resume: str | None 
     """`megavid finetune-qa`: trains the QA task with the engine, then evaluates ``eval.split``.
 
     Writes ``<run_dir>/answers.json``, ``<run_dir>/eval/qa_<split>.json`` (metrics, baseline,
-    config, versions, checkpoint hash) and ``<run_dir>/eval/qa_<split>_predictions.jsonl``.
+    config, versions, checkpoint hash, the predictions file's name) and
+    ``<run_dir>/eval/qa_<split>_predictions.jsonl`` (one line per question: ``qid``, ``key``,
+    ``question``, ``answer``, ``prediction``, ``type``).
 
     Args:
-        cfg: the resolved config (``task.name`` becomes "qa" unless it names another task).
+        cfg: the resolved config (its ``task.name``, when set, must be qa).
         overwrite: start afresh in an existing run directory.
         resume: checkpoint to resume from.
 
@@ -293,33 +305,25 @@ def run_finetune_qa(cfg: Config, *, overwrite: bool = False, resume: str | None 
         The trainer's summary plus "qa" (the evaluation metrics) and "results" (the JSON path).
     """
     from megavid.engine.checkpoint import find_checkpoint
-    from megavid.engine.trainer import Trainer
     from megavid.eval.results import write_results
 
-    if cfg.task.name == "pretrain":
-        cfg.task.name = "qa"
-    if cfg.task.name != "qa":
-        raise ConfigError(f"megavid finetune-qa runs task.name=qa, not {cfg.task.name!r}; "
-                          "drop the task override")
-    if cfg.model.num_answers < 1:
-        raise ConfigError("QA finetuning needs a QA head: set model.num_answers (the answer "
-                          "vocabulary size, e.g. model.num_answers=1000)")
-    task = QATask(cfg, overwrite=overwrite)
-    trainer = Trainer(cfg, task, overwrite=overwrite, resume=resume)
-    summary = trainer.fit()
-    model = trainer.engine.module
-    result = task.evaluate_split(model, cfg.eval.split)
+    trained = train_task(cfg, QATask, "finetune-qa", overwrite=overwrite, resume=resume,
+                         task_args={"overwrite": overwrite})
+    task, summary, cfg = trained.task, trained.summary, trained.task.cfg  # cfg: task.name=qa
+    result = task.evaluate_split(trained.model, cfg.eval.split)
     summary["qa"] = result["metrics"]
     if task.rank == 0:
         out = Path(cfg.run_dir) / "eval" / f"qa_{cfg.eval.split}.json"
         ckpt = None if cfg.run.debug else find_checkpoint(cfg.run_dir)
+        pred_path = out.with_name(f"qa_{cfg.eval.split}_predictions.jsonl")
         write_results(out, {"qa": result["metrics"], "split": cfg.eval.split,
                             "num_frames": get_frame_counts(cfg),
                             "answers": len(task.answers),
-                            "train_skipped_oov": task.skipped_oov}, to_dict(cfg), ckpt)
-        pred_path = out.with_name(f"qa_{cfg.eval.split}_predictions.jsonl")
+                            "train_skipped_oov": task.skipped_oov,
+                            "predictions": pred_path.name}, to_dict(cfg), ckpt)
         pred_path.write_text("".join(json.dumps({k: p[k] for k in (
-            "key", "question", "answer", "prediction", "type")}) + "\n" for p in result["predictions"]))
+            "qid", "key", "question", "answer", "prediction", "type")}) + "\n"
+            for p in result["predictions"]))
         print(format_qa_report(result["metrics"], cfg.eval.split))
         print(f"results: {out}\npredictions: {pred_path}")
         summary["results"] = str(out)

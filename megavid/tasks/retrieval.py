@@ -6,13 +6,14 @@ from __future__ import annotations
 from torch import nn
 
 from megavid.config import Config
-from megavid.tasks import register_task
+from megavid.tasks.base import train_task
 from megavid.tasks.pretrain import PretrainTask
 
 
-@register_task("retrieval")
 class RetrievalTask(PretrainTask):
     """Same forward as pretraining; evaluation adds VTM re-ranking of the top-k candidates."""
+
+    task_name = "retrieval"
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         from megavid.tasks.zeroshot import evaluate_retrieval
@@ -23,9 +24,5 @@ class RetrievalTask(PretrainTask):
 
 
 def run_finetune_retrieval(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
-    """`megavid finetune-retrieval`: runs the retrieval task (task.name=retrieval)."""
-    from megavid.tasks.pretrain import run_pretrain
-
-    if cfg.task.name == "pretrain":
-        cfg.task.name = "retrieval"
-    return run_pretrain(cfg, overwrite=overwrite, resume=resume)
+    """`megavid finetune-retrieval`: trains the retrieval task (task.name=retrieval)."""
+    return train_task(cfg, RetrievalTask, "finetune-retrieval", overwrite=overwrite, resume=resume).summary

@@ -2,7 +2,9 @@
 check (retrieval among clips that differ only in motion direction), and multiple-choice QA.
 
 The metrics themselves are pure tensor functions in ``megavid.eval``; this module encodes a
-split with a model, arranges the tensors, and writes the results JSON.
+split with a model, arranges the tensors, and writes the results JSON. Retrieval queries come
+from each sample's captions as ``eval.captions`` says (:func:`build_queries`): its first
+caption, every caption (several queries per video), or all of them as one paragraph.
 """
 
 from __future__ import annotations
@@ -10,81 +12,101 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from megavid.config import Config, to_dict
-from megavid.errors import CheckpointError
+from megavid.errors import ConfigError
+from megavid.eval.retrieval import retrieval_chance
+from megavid.tasks.base import VideoTextTask, check_data, get_frame_counts
+from megavid.tasks.evaluation import encode_split, encode_texts, open_eval, select_eval_weights
+from megavid.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EncodedSplit:
-    """Features of one split, in dataset order, each sample once."""
+    """Features of one split in dataset order: each video once, and the text queries built
+    from the videos' captions (one or several per video, :func:`build_queries`)."""
 
     video_feat: torch.Tensor  # [N, P]
-    text_feat: torch.Tensor  # [N, P] (first caption of each sample)
-    keys: list[str]
-    meta: list[dict]
+    text_feat: torch.Tensor  # [Q, P], one row per query
+    keys: list[str]  # [N]
+    meta: list[dict]  # [N]
+    text_to_video: torch.Tensor  # LongTensor [Q]: the video (row of video_feat) of each query
+    texts: list[str]  # [Q], the queries
     video_tokens: torch.Tensor | None = None  # [N, S, Dv] (for VTM re-ranking)
-    text_hidden: torch.Tensor | None = None  # [N, L, Dt]
-    text_mask: torch.Tensor | None = None  # [N, L]
+    text_hidden: torch.Tensor | None = None  # [Q, L, Dt]
+    text_mask: torch.Tensor | None = None  # [Q, L]
     extras: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
-def encode_split(model: nn.Module, loader, task, *, keep_tokens: bool = False,
-                 on_device: bool = False) -> EncodedSplit:
-    """Encodes every clip and its first caption, each sample once across ranks, in order.
+def build_queries(captions: list[list[str]], mode: str) -> tuple[list[str], torch.Tensor]:
+    """The retrieval queries of a split and the video each one describes (``eval.captions``).
+
+    Args:
+        captions: per video, its non-empty captions in order.
+        mode: 'first' (its first caption), 'all' (every caption, a query each) or 'paragraph'
+            (its captions joined with spaces, one query).
+
+    Returns:
+        (queries, text_to_video LongTensor [Q]).
+    """
+    if mode == "first":
+        pairs = [(caps[0], v) for v, caps in enumerate(captions)]
+    elif mode == "all":
+        pairs = [(c, v) for v, caps in enumerate(captions) for c in caps]
+    elif mode == "paragraph":
+        pairs = [(" ".join(c.strip() for c in caps), v) for v, caps in enumerate(captions)]
+    else:
+        raise ConfigError(f"eval.captions={mode!r} is not one of 'first', 'all', 'paragraph'")
+    return [t for t, _ in pairs], torch.tensor([v for _, v in pairs], dtype=torch.long)
+
+
+def encode_retrieval(model: nn.Module, loader, task: VideoTextTask, *, captions: str = "first",
+                     keep_tokens: bool = False, on_device: bool = False) -> EncodedSplit:
+    """Encodes every clip once across ranks, in dataset order (:func:`encode_split`), then the
+    split's text queries (:func:`build_queries` over each sample's captions,
+    :func:`encode_texts`).
 
     Args:
         model: the model (or a DeepSpeed engine wrapping it).
         loader: an evaluation loader (``task.build_eval_loader``).
         task: the task (device, dtype, tokenizer).
+        captions: the queries, as ``eval.captions``: 'first', 'all' or 'paragraph'. A sample
+            JSON without captions (``data.name=synthetic``) has the loader's caption.
         keep_tokens: also keep the video tokens and text states (for VTM re-ranking).
         on_device: keep everything on ``task.device`` (the dense path); otherwise on the CPU
             (low-resource: a 96-frame clip of a ViT-B has 18,817 tokens, 29 MB in bf16, so a
             test set's tokens belong in host memory).
     """
-    from megavid.eval.gather import gather_features, gather_objects
+    from megavid.data.order import sample_captions
+
+    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tokens, v = model.encode_video(task.to_device(batch)["video"])
+        return {"video": v.float(), **({"tokens": tokens} if keep_tokens else {})}
 
     model.eval()
     store = task.device if on_device else torch.device("cpu")
-    vf, tf, toks, hids, masks, keys, metas, valids, indices = [], [], [], [], [], [], [], [], []
-    for batch in loader:
-        b = task.to_device(batch)
-        tokens, v = model.encode_video(b["video"])
-        hidden, t = model.encode_text(b["input_ids"], b["attention_mask"])
-        vf.append(v.float().to(store))
-        tf.append(t.float().to(store))
-        if keep_tokens:
-            # kept in the compute dtype (bf16 in bf16 runs): the VTM scorer casts to it anyway
-            toks.append(tokens.to(store))
-            hids.append(hidden.to(store))
-            masks.append(b["attention_mask"].to(store))
-        keys += batch["keys"]
-        metas += batch["meta"]
-        valids.append(batch.get("valid", torch.ones(len(batch["keys"]), dtype=torch.bool)))
-        indices.append(batch.get("indices"))
-    valid = torch.cat(valids).to(store)
-    # the batches' dataset indices put the gathered rows in dataset order (as one process
-    # would have them), not rank by rank
-    index = torch.cat(indices) if indices and all(i is not None for i in indices) else None
-    out = EncodedSplit(
-        video_feat=gather_features(torch.cat(vf), valid, indices=index),
-        text_feat=gather_features(torch.cat(tf), valid, indices=index),
-        keys=gather_objects(keys, valid, indices=index),
-        meta=gather_objects(metas, valid, indices=index),
+    split = encode_split(loader, encode, store=store)
+    texts, text_to_video = build_queries(
+        [sample_captions(meta) or [caption] for meta, caption in zip(split["meta"], split["captions"])],
+        captions)
+    text_feat, hidden, mask = encode_texts(model, texts, task, keep_tokens=keep_tokens, store=store)
+    return EncodedSplit(
+        video_feat=split["video"],
+        text_feat=text_feat,
+        keys=split["keys"],
+        meta=split["meta"],
+        text_to_video=text_to_video,
+        texts=texts,
+        video_tokens=split.get("tokens"),
+        text_hidden=hidden,
+        text_mask=mask,
     )
-    if keep_tokens:
-        out.video_tokens = gather_features(torch.cat(toks), valid, indices=index)
-        out.text_hidden = gather_features(torch.cat(hids), valid, indices=index)
-        out.text_mask = gather_features(torch.cat(masks), valid, indices=index)
-    return out
 
 
 def _vtm_score_fn(model: nn.Module, enc: EncodedSplit, device, dtype):
@@ -105,6 +127,8 @@ def _vtm_score_fn(model: nn.Module, enc: EncodedSplit, device, dtype):
 def evaluate_retrieval(model: nn.Module, loader, task, *, k_test: int = 0) -> dict[str, Any]:
     """Retrieval on a split: VTC similarities, optionally VTM re-ranking of each query's top-k
     (both directions, each text-video pair scored once; :func:`megavid.eval.score_retrieval`).
+    The queries are ``eval.captions``'s (:func:`build_queries`); a video with several ranks in
+    v2t by its best caption.
 
     ``eval.low_resource`` keeps features and tokens on the CPU and computes similarities and
     ranks in blocks of ``eval.chunk_size`` rows; the metrics are the same as the dense path's.
@@ -116,24 +140,31 @@ def evaluate_retrieval(model: nn.Module, loader, task, *, k_test: int = 0) -> di
         k_test: candidates re-scored by the VTM head per query (0: VTC only).
 
     Returns:
-        {"metrics": {"vtc/...", "vtm/..."}, "encoded": EncodedSplit, "sim": [N, N] CPU}.
+        {"metrics": {"vtc/...", "vtm/..."}, "encoded": EncodedSplit, "sim": [Q, N] CPU} for
+        the Q queries of ``eval.captions`` over the N clips.
     """
     from megavid.eval.retrieval import compute_similarity, score_retrieval
 
     low = task.cfg.eval.low_resource
     chunk = task.cfg.eval.chunk_size if low else None
-    enc = encode_split(model, loader, task, keep_tokens=k_test > 0, on_device=not low)
+    enc = encode_retrieval(model, loader, task, captions=task.cfg.eval.captions,
+                           keep_tokens=k_test > 0, on_device=not low)
     sim = compute_similarity(enc.text_feat, enc.video_feat, chunk_size=chunk, device=task.device)
-    n = sim.shape[0]
+    # (rerank_topk clamps k to each direction's candidates: videos for t2v, queries for v2t)
     metrics = score_retrieval(
-        sim, torch.arange(n), k_test=min(k_test, n), chunk_size=chunk,
+        sim, enc.text_to_video, k_test=k_test, chunk_size=chunk,
         pair_score_fn=_vtm_score_fn(model, enc, task.device, task.dtype) if k_test > 0 else None,
     )
     return {"metrics": metrics, "encoded": enc, "sim": sim}
 
 
 def temporal_check(enc: EncodedSplit, sim: torch.Tensor) -> dict[str, float] | None:
-    """t2v R@1 among clips that share every attribute but the motion direction.
+    """t2v R@1 among clips that share every attribute but the motion direction: each query of
+    a clip of such a group ranks the group's clips.
+
+    Args:
+        enc: the encoded split (its meta and queries).
+        sim: [Q, N] similarity of its queries and clips.
 
     Returns None when the split has no such groups (not the synthetic dataset)."""
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -142,44 +173,50 @@ def temporal_check(enc: EncodedSplit, sim: torch.Tensor) -> dict[str, float] | N
         if not a or "direction" not in a:
             return None
         groups[tuple(sorted((k, str(v)) for k, v in a.items() if k != "direction"))].append(i)
+    queries_of: dict[int, list[int]] = defaultdict(list)
+    for q, v in enumerate(enc.text_to_video.tolist()):
+        queries_of[v].append(q)
     hits, total, chance = 0, 0, 0.0
     for idx in groups.values():
         if len(idx) < 2:
             continue
-        sub = sim[idx][:, idx]
-        hits += int((sub.argmax(dim=1) == torch.arange(len(idx))).sum())
-        total += len(idx)
-        chance += 1.0  # sum over queries of 1/len(group)
+        rows = [q for v in idx for q in queries_of[v]]
+        target = torch.tensor([j for j, v in enumerate(idx) for _ in queries_of[v]], dtype=torch.long)
+        sub = sim[rows][:, idx]
+        hits += int((sub.argmax(dim=1) == target).sum())
+        total += len(rows)
+        chance += len(rows) / len(idx)  # sum over queries of 1/len(group)
     if total == 0:
         return None
     return {"R@1": 100.0 * hits / total, "chance": 100.0 * chance / total, "queries": total}
 
 
 @torch.no_grad()
-def multiple_choice_qa(model: nn.Module, enc: EncodedSplit, task) -> dict[str, Any] | None:
+def multiple_choice_qa(model: nn.Module, enc: EncodedSplit, task: VideoTextTask) -> dict[str, Any] | None:
     """Zero-shot QA as multiple choice: each candidate answer, phrased as "question answer", is
     scored against the clip by VTC similarity; accuracy overall and per question type."""
-    from megavid.data.text import tokenize
     from megavid.eval.qa import multiple_choice_accuracy
 
     items = [(i, qa) for i, m in enumerate(enc.meta) for qa in m.get("qa", []) if qa.get("choices")]
     if not items:
         return None
-    tok = task.tokenizer
     by_type: dict[str, list] = defaultdict(list)
     for vi, qa in items:
         by_type[qa.get("type", "all")].append((vi, qa))
+    groups = sorted(by_type.items())
+    # every candidate of every question encoded at once, in question order
+    texts = [f"{qa['question']} {c}" for _, group in groups for _, qa in group for c in qa["choices"]]
+    text_feat = encode_texts(model, texts, task)[0]
     results: dict[str, Any] = {}
-    all_scores, all_correct, chance_sum = [], [], 0.0
-    for qtype, group in sorted(by_type.items()):
+    all_scores, all_correct, chance_sum, row = [], [], 0.0, 0
+    for qtype, group in groups:
         scores, correct = [], []
         for vi, qa in group:
-            texts = [f"{qa['question']} {c}" for c in qa["choices"]]
-            ids, mask = tokenize(tok, texts, task.cfg.data.max_text_len)
-            _, tf = model.encode_text(ids.to(task.device), mask.to(task.device))
-            scores.append((tf.float().cpu() @ enc.video_feat[vi].cpu()).tolist())
+            n = len(qa["choices"])
+            scores.append((text_feat[row:row + n] @ enc.video_feat[vi].cpu()).tolist())
+            row += n
             correct.append(qa["choices"].index(qa["answer"]))
-            chance_sum += 1.0 / len(qa["choices"])
+            chance_sum += 1.0 / n
         acc = multiple_choice_accuracy(scores, correct)
         results[qtype] = {"accuracy": acc, "chance": 100.0 / len(group[0][1]["choices"]), "n": len(group)}
         all_scores += scores
@@ -192,24 +229,25 @@ def multiple_choice_qa(model: nn.Module, enc: EncodedSplit, task) -> dict[str, A
     return results
 
 
-def _chance_retrieval(n: int) -> dict[str, float]:
-    return {"R@1": 100.0 / n, "R@5": 100.0 * min(5, n) / n, "R@10": 100.0 * min(10, n) / n,
-            "MedR": (n + 1) / 2}
-
-
 def format_report(result: dict[str, Any]) -> str:
-    m, n = result["metrics"], result["num_samples"]
-    chance = _chance_retrieval(n)
+    """The printed summary of :func:`run_eval_zeroshot`'s ``result``: the retrieval table
+    (model rows, then the chance levels of the real query-to-clip mapping), the temporal
+    check and the QA accuracies."""
+    m, n, chance = result["metrics"], result["num_samples"], result["chance"]
     frames = result.get("num_frames") or {}
     at = f", {frames['eval']} frames (trained on {frames['train']})" if frames else ""
-    lines = [f"zero-shot retrieval on {n} held-out clips (split '{result['split']}'{at})",
-             f"{'':14s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'MedR':>8s}"]
+    cols = ("R@1", "R@5", "R@10", "MedR", "MeanR")
+    lines = [f"zero-shot retrieval on {n} held-out clips, {result['num_queries']} text queries "
+             f"(eval.captions={result['captions']}; split '{result['split']}'{at})",
+             f"{'':14s}" + "".join(f"{k:>8s}" for k in cols)]
     for head in ("vtc", "vtm"):
         for d in ("t2v", "v2t"):
             if f"{head}/{d}_R@1" in m:
                 lines.append(f"{head + ' ' + d:14s}" + "".join(
-                    f"{m[f'{head}/{d}_{k}']:8.1f}" for k in ("R@1", "R@5", "R@10", "MedR")))
-    lines.append(f"{'chance':14s}" + "".join(f"{chance[k]:8.1f}" for k in ("R@1", "R@5", "R@10", "MedR")))
+                    f"{m[f'{head}/{d}_{k}']:8.1f}" for k in cols))
+    for d in ("t2v", "v2t"):  # a random ranking has no single median: MedR is left blank
+        lines.append(f"{'chance ' + d:14s}" + "".join(
+            f"{chance[f'{d}_{k}']:8.1f}" if f"{d}_{k}" in chance else f"{'-':>8s}" for k in cols))
     if result.get("temporal"):
         t = result["temporal"]
         lines.append(f"temporal check (clips differing only in direction): t2v R@1 "
@@ -222,57 +260,48 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def run_eval_zeroshot(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
-    """`megavid eval-zeroshot`: evaluates a checkpoint (eval.checkpoint, --resume, or the run's
-    newest weights) on ``eval.split`` and writes ``<run_dir>/eval/zeroshot_<split>.json``, which
-    records the checkpoint's path, hash and training step."""
-    from megavid.engine.checkpoint import select_checkpoint
-    from megavid.engine.dist import get_world_info, init_distributed
-    from megavid.eval.results import write_results
-    from megavid.tasks import get_task
-    from megavid.tasks.base import get_frame_counts, load_model_weights
-    from megavid.tasks.pretrain import check_data
+    """`megavid eval-zeroshot`: evaluates weights on ``eval.split`` and writes
+    ``<run_dir>/eval/zeroshot_<split>_step<N>.json``, which records the weights' path, hash
+    and training step.
+
+    The weights (:func:`megavid.tasks.evaluation.select_eval_weights`): ``--resume`` or
+    ``eval.checkpoint``, else the run's newest, else (a run folder without weights, e.g. a new
+    run.name) the model config's own: ``model.weights=<exported fp32 file>`` and/or the tower
+    weights, evaluated with no training run. Weights without a recorded step name the file
+    ``zeroshot_<split>_<weights file stem>.json`` (``_imported`` for tower weights alone). An
+    existing results file is refused before anything is evaluated: ``--overwrite`` replaces it.
+    """
+    from megavid.eval.results import results_path, write_results
 
     check_data(cfg, cfg.eval.split)
-    info = get_world_info()
-    named = resume or cfg.eval.checkpoint
-    if not named and not any(Path(cfg.run_dir, n).exists() for n in ("checkpoints", "model_fp32.pt")):
-        raise CheckpointError(
-            f"no checkpoint to evaluate in {cfg.run_dir}; train first (megavid pretrain ...) "
-            "or pass eval.checkpoint=PATH"
-        )
-    # the newest weights of a run (a stale export is re-exported), or exactly the one named
-    selected = select_checkpoint(named or cfg.run_dir)
-    ckpt = selected.path
-    if info.rank == 0:
-        step = "an unrecorded step" if selected.step is None else f"step {selected.step}"
-        print(f"evaluating {ckpt} ({step})" + (f"; {selected.note}" if selected.note else ""))
-    if info.world_size > 1:
-        init_distributed()
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    task = get_task(cfg.task.name)(cfg)
-    task.setup(device, torch.float32, info.rank, info.world_size)
-    model = task.build_model()
-    load_model_weights(model, ckpt, cfg)
-    model.to(device).eval()
+    # the newest weights of a run (a stale export is re-exported), exactly the one named, or
+    # the model config's imported weights
+    weights = select_eval_weights(cfg, resume)
+    out = results_path(cfg.run_dir, "zeroshot", cfg.eval.split, step=weights.step, weights=weights.name,
+                       overwrite=overwrite)
+    task, model = open_eval(cfg, weights, get_task(cfg.task.name))
+    if task.rank == 0:
+        print(f"evaluating {weights.describe()}")
 
-    loader = task.build_eval_loader(cfg.eval.split, info.rank, info.world_size)
+    loader = task.build_eval_loader(cfg.eval.split, task.rank, task.world_size)
     k_test = cfg.eval.k_test if cfg.model.vtm_weight > 0 else 0
     res = evaluate_retrieval(model, loader, task, k_test=k_test)
     enc = res["encoded"]
     result = {
         "split": cfg.eval.split,
         "num_samples": len(enc.keys),
+        "num_queries": len(enc.texts),
+        "captions": cfg.eval.captions,
         # the same checkpoint scores differently at another clip length: both are recorded
         "num_frames": get_frame_counts(cfg),
         "low_resource": cfg.eval.low_resource,
         "metrics": res["metrics"],
-        "chance": _chance_retrieval(len(enc.keys)),
+        "chance": retrieval_chance(enc.text_to_video, len(enc.keys)),
         "temporal": temporal_check(enc, res["sim"]) if cfg.eval.temporal_check else None,
         "qa": multiple_choice_qa(model, enc, task),
     }
-    if info.rank == 0:
-        out = Path(cfg.run_dir) / "eval" / f"zeroshot_{cfg.eval.split}.json"
-        write_results(out, result, to_dict(cfg), ckpt, step=selected.step)
+    if task.rank == 0:
+        write_results(out, result, to_dict(cfg), weights.path, step=weights.step, imported=weights.imported)
         print(format_report(result))
         print(f"results: {out}")
     return result

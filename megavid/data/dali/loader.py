@@ -302,7 +302,7 @@ class DaliLoader(VideoTextLoader):
         offset, size = self.table.video[index].tolist()
         chunk = self._read_chunk(index, offset, size)
         if self.cfg.dali_trim_gops:
-            # only the GOPs of the sampled frames: DALI does not seek in memory (FRAMES.md)
+            # only the GOPs of the sampled frames: DALI does not seek in memory (docs/performance.md)
             data, frames = trim_to_gops(chunk.tobytes(), frames)
             chunk = self._arena.put(data)
         return meta, caption, frames, roi, flip, [chunk], [(0, 0, int(chunk.size))]
