@@ -10,31 +10,23 @@
 - A NaN loss on one rank is skipped on every rank (== reference training without that batch);
   N in a row aborts with a clear error.
 
-Five torchrun launches shared by the tests (module fixture) keep the wall time down.
+Five launches shared by the tests (module fixture) keep the wall time down.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine_worker import gather_x  # noqa: E402
-from megavid_toy import ToyLoader, ToyModel, reference_losses  # noqa: E402
+from tests.helpers.engine_worker import gather_x
+from tests.helpers.megavid_toy import ToyLoader, ToyModel, reference_losses
+from tests.helpers.multiprocess import python_module, run_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).resolve().parent / "engine_worker.py"
 
 MICRO = 8
 FP32 = ["train.precision=fp32", "train.tensorboard=false", "train.log_every=1", f"data.batch_size={MICRO}",
@@ -59,12 +51,6 @@ NAN_OPTS = ["train.zero_stage=2", "train.max_steps=6", "optim.lr=5e-3", "optim.w
             "optim.schedule=constant", "optim.warmup_steps=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp: Path, name: str, nproc: int, runs: list[dict], convert: str | None = None,
             expect_fail: bool = False, gather_check: bool = False) -> list[list[dict]]:
     spec = {"out": str(tmp / name / "res"), "output_dir": str(tmp / "runs"), "runs": runs, "convert": convert,
@@ -72,12 +58,7 @@ def _launch(tmp: Path, name: str, nproc: int, runs: list[dict], convert: str | N
     (tmp / name).mkdir(parents=True, exist_ok=True)
     spec_path = tmp / name / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(WORKER), str(spec_path)]
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=420)
+    proc = run_job(python_module("tests.helpers.engine_worker", str(spec_path)), nproc=nproc, timeout=420)
     (tmp / name / "log.txt").write_text(proc.stdout + proc.stderr)
     if expect_fail:
         assert proc.returncode != 0, f"{name}: expected the launch to die"

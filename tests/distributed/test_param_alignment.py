@@ -7,24 +7,16 @@ ordered by size: megavid.engine.optim._align_order)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from tests.helpers.multiprocess import python_module, run_job
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def test_zero_1_and_2_keep_every_evenly_sized_parameter_16_byte_aligned():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("align_worker.py")), "1", "2"],
-                          env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    proc = run_job(python_module("tests.helpers.align_worker", "1", "2"), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT "))
     for stage, params in json.loads(line[len("RESULT "):]).items():

@@ -1,11 +1,12 @@
-"""Fixtures of the task integration tests: one small moving-shapes dataset per session (real
-VP9 files and real webdataset shards, made by megavid.shards.synthetic.generate_synthetic) and
-the config tokens of a tiny CPU model."""
+"""Fixtures of the task integration tests: small moving-shapes datasets made once per session
+(real VP9 files and real webdataset shards, made by megavid.shards.synthetic.generate_synthetic)
+and the config tokens of a tiny CPU model."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -30,20 +31,42 @@ TINY_MODEL = [
 
 
 @pytest.fixture(scope="session")
+def tiny_model_tokens() -> list[str]:
+    """The tiny model's config tokens alone, for tests that bring their own data."""
+    return list(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
 def synthetic_spec() -> dict:
     """The SyntheticConfig values of the session's dataset (split sizes for the tests)."""
     return dict(SYNTH)
 
 
 @pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory) -> Path:
-    """The dataset folder (raw videos + shards for train/val/test), made once per session."""
+def make_synthetic(tmp_path_factory) -> Callable[..., Path]:
+    """``make_synthetic(shard_max_count, **values)``: the folder of a dataset (raw videos +
+    shards for train/val/test) with those SyntheticConfig values and samples per shard, made
+    the first time a test of the session asks for it."""
     from megavid.config import SyntheticConfig
     from megavid.shards.synthetic import generate_synthetic
 
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, SyntheticConfig(**SYNTH), workers=2, shard_max_count=128)
-    return root
+    made: dict[tuple, Path] = {}
+
+    def make(shard_max_count: int, **values) -> Path:
+        key = (shard_max_count, tuple(sorted(values.items())))
+        if key not in made:
+            root = tmp_path_factory.mktemp("synthetic")
+            generate_synthetic(root, SyntheticConfig(**values), workers=2, shard_max_count=shard_max_count)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(make_synthetic) -> Path:
+    """The dataset folder of the task tests (``SYNTH``), made once per session."""
+    return make_synthetic(128, **SYNTH)
 
 
 @pytest.fixture

@@ -18,8 +18,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +25,10 @@ import torch
 
 from megavid import cli
 from megavid.config import compose
+from tests.helpers.multiprocess import JobResult, python_module, run_job
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 _TRAINED: dict = {}
 
 
@@ -64,15 +62,11 @@ def trained(base_tokens) -> tuple[list[str], Path]:
     return _TRAINED["run"]
 
 
-def _megavid(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "megavid.cli", *args], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=300)
+def _megavid(*args: str) -> JobResult:
+    return run_job(python_module("megavid.cli", *args), timeout=300)
 
 
-def _one_line_error(proc: subprocess.CompletedProcess, command: str, path: Path) -> str:
+def _one_line_error(proc: JobResult, command: str, path: Path) -> str:
     """Exit code 2 and one error line, the last on stderr, naming ``path``; no traceback. (With
     stderr not a terminal, as here, a job's INFO lines, e.g. its decode plan, come before it.)"""
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -184,7 +178,7 @@ def test_eval_uses_the_newest_checkpoint_when_the_export_is_older(trained, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"evaluating {export} (step 2)" in proc.stdout, proc.stdout
     assert "exported from step 1" in proc.stdout, proc.stdout
-    doc = json.loads((run / "eval" / "zeroshot_val.json").read_text())
+    doc = json.loads((run / "eval" / "zeroshot_val_step2.json").read_text())
     assert doc["checkpoint"]["step"] == 2 and Path(doc["checkpoint"]["path"]) == export.resolve()
     assert doc["checkpoint"]["sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()
     # the evaluated weights are step 2's, as DeepSpeed's own zero_to_fp32 consolidates them
@@ -197,4 +191,4 @@ def test_eval_uses_the_newest_checkpoint_when_the_export_is_older(trained, tmp_p
     # a named step folder is evaluated as named, and says so
     proc = _megavid("eval-zeroshot", *tokens, f"eval.checkpoint={run / 'checkpoints' / 'step_1'}")
     assert proc.returncode == 0 and "(step 1)" in proc.stdout, proc.stderr[-3000:]
-    assert json.loads((run / "eval" / "zeroshot_val.json").read_text())["checkpoint"]["step"] == 1
+    assert json.loads((run / "eval" / "zeroshot_val_step1.json").read_text())["checkpoint"]["step"] == 1

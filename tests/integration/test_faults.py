@@ -5,8 +5,9 @@ line naming the problem, leaves no process behind, keeps the last good checkpoin
 The oracle is a second, uninterrupted run of the same job (its per-step losses), the
 processes of the job's session read from /proc, and the files on disk. The faults are real
 where this machine allows (a full tmpfs, an immutable folder, SIGTERM) and injected through
-``fault_driver.py`` otherwise (an exception in a loader worker or in one rank's forward pass,
-PyTorch's CUDA out-of-memory error): that driver patches the code in its own process only.
+``tests/helpers/fault_driver.py`` otherwise (an exception in a loader worker or in one rank's
+forward pass, PyTorch's CUDA out-of-memory error): that driver patches the code in its own
+process only.
 """
 
 from __future__ import annotations
@@ -15,28 +16,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from megavid.engine.logging import read_metrics
+from tests.helpers.multiprocess import python_module, start_job
 
 pytestmark = [pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-DRIVER = Path(__file__).with_name("fault_driver.py")
 EXIT_WITHIN_S = 60
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -56,34 +47,30 @@ def _session_processes(sid: int) -> list[int]:
 
 
 class Job:
-    """`megavid ...` in its own session (so that every process it starts can be found)."""
+    """`megavid ...` with a fault (tests/helpers/fault_driver.py), started by the harness in its
+    own session (so that every process it starts can be found), as ``nproc`` ranks."""
 
-    def __init__(self, cmd: list[str]) -> None:
-        self.t0 = time.monotonic()
-        self.started = time.time()
-        self.proc = subprocess.Popen(cmd, env=_env(), cwd=str(ROOT), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def __init__(self, fault: str, args: tuple[str, ...], nproc: int = 1) -> None:
+        self.job = start_job(python_module("tests.helpers.fault_driver", fault, *args), nproc=nproc)
+        self.proc, self.started = self.job.proc, self.job.started
 
     def wait(self, timeout: float = 300) -> tuple[int, str, str]:
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            out, err = self.proc.communicate()
-            pytest.fail(f"the job hung for {timeout} s:\n{err[-4000:]}")
-        self.elapsed = time.monotonic() - self.t0
+        """(exit code, stdout, stderr) once the job ended (killed, failing the test, at
+        ``timeout``), after checking that no process of its session is left."""
+        res = self.job.wait(timeout)
+        self.elapsed = res.seconds
         deadline = time.monotonic() + 10
         while _session_processes(self.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = _session_processes(self.proc.pid)
         if left:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.job.kill()
         assert not left, f"processes left behind: {left}"
-        return self.proc.returncode, out, err
+        return res.returncode, res.stdout, res.stderr
 
 
 def _megavid(fault: str, *args: str) -> Job:
-    return Job([sys.executable, str(DRIVER), fault, *args])
+    return Job(fault, args)
 
 
 def _one_line_error(err: str, *needles: str) -> str:
@@ -210,15 +197,8 @@ def test_single_process_faults_end_the_job_and_resume_exactly(base_tokens, tmpfs
     assert _losses(run) == ref
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(fault: str, *args: str) -> Job:
-    return Job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                f"--master_port={_free_port()}", str(DRIVER), fault, *args])
+    return Job(fault, args, nproc=2)
 
 
 @pytest.mark.distributed

@@ -1,13 +1,12 @@
 """Config composition and validation: groups, precedence, unknown keys, wrong types."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megavid.config import Config, compose, load_saved, to_yaml
 from megavid.errors import ConfigError
+from tests.helpers.multiprocess import python_module, run_job
 
 
 @pytest.fixture
@@ -83,10 +82,7 @@ def test_saved_config_round_trip(tmp_path):
 
 
 def test_cli_error_is_one_line_without_traceback():
-    r = subprocess.run(
-        [sys.executable, "-m", "megavid.cli", "pretrain", "experiment=demo", "model.video.num_frame=8"],
-        capture_output=True, text=True,
-    )
+    r = run_job(python_module("megavid.cli", "pretrain", "experiment=demo", "model.video.num_frame=8"), timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert "did you mean 'model.video.num_frames'" in r.stderr

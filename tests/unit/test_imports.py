@@ -1,7 +1,7 @@
 """Import rules of the megavid package, checked on the source (nothing is imported).
 
-The graph: one node per module of ``megavid/`` (and of ``kernels/src``, which ships as
-``megavid.kernels``); an edge for every ``import`` / ``from ... import`` of a megavid module,
+The graph: one node per module of ``megavid/`` (every subpackage, ``megavid.kernels``
+included); an edge for every ``import`` / ``from ... import`` of a megavid module,
 at module level or inside a function or class (an import that runs late is still a
 dependency: hiding a circle inside a function is what these tests forbid), but not under
 ``if TYPE_CHECKING:`` (never executed). ``from a.b import c`` is an edge to the module
@@ -12,12 +12,13 @@ x`` inside ``megavid/tasks/`` is an edge like any other).
 
 Rules:
 
-- no import circle between modules (:data:`KNOWN_CIRCLES` lists the ones that predate this
-  test, outside the data path; the list must stay exact, so a fixed one is removed);
+- no import circle between modules, anywhere in ``megavid/``;
+- no module of ``megavid.tasks`` imports a private (``_name``) name of another task module:
+  what tasks share is public, in ``megavid.tasks.base`` / ``megavid.tasks.evaluation``;
 - ``megavid.shards`` imports nothing of ``megavid.data``; ``megavid.data`` imports nothing of
   ``megavid.shards`` but ``megavid.shards.format``, and the format module imports no other
   module of ``megavid.shards`` (so the shard format is all that loading reaches of ingest);
-- no module of ``megavid/data`` or ``megavid/shards`` is longer than :data:`MAX_LINES`;
+- no module of ``megavid/`` is longer than :data:`MAX_LINES`;
 - every folder of ``megavid/`` holding Python files is a package (``setup.py``'s
   ``find_packages`` ships only those).
 
@@ -32,31 +33,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_LINES = 600
-"""Split a module of megavid/data or megavid/shards along its seams before it grows past this."""
-KNOWN_CIRCLES: list[set[str]] = [
-    # The task registry: megavid/tasks/__init__.get_task imports every task module (so their
-    # @register_task decorators run), the task modules import register_task from the package,
-    # and run_pretrain / run_eval_zeroshot call get_task. Breaking it means moving the job
-    # functions above the task modules; it is not part of the data path.
-    {"megavid.tasks", "megavid.tasks.classification", "megavid.tasks.pretrain",
-     "megavid.tasks.qa", "megavid.tasks.retrieval", "megavid.tasks.zeroshot"},
-]
+"""Split a module of megavid/ along its seams before it grows past this."""
 
 
 # --------------------------------------------------------------------------------------------
 # The graph
 # --------------------------------------------------------------------------------------------
 def get_module_files(repo: Path) -> dict[str, Path]:
-    """Module name -> source file, for ``megavid/**/*.py`` and ``kernels/src/*.py``
-    (``megavid.kernels``) under ``repo``."""
+    """Module name -> source file, for ``megavid/**/*.py`` under ``repo``."""
     out: dict[str, Path] = {}
     for path in sorted((repo / "megavid").rglob("*.py")):
         parts = list(path.relative_to(repo).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
         out[".".join(parts)] = path
-    for path in sorted((repo / "kernels" / "src").glob("*.py")):
-        out["megavid.kernels" + ("" if path.stem == "__init__" else f".{path.stem}")] = path
     return out
 
 
@@ -227,11 +217,18 @@ def test_no_import_circles():
     graph, _ = build_import_graph(REPO)
     files = get_module_files(REPO)
     circles = find_circles(graph)
-    new = [c for c in circles if c not in KNOWN_CIRCLES]
-    assert not new, "import circles (break them; a function-level import does not):\n" + "\n".join(
-        describe_circle(graph, c, files) for c in new)
-    stale = [sorted(c) for c in KNOWN_CIRCLES if c not in circles]
-    assert not stale, f"KNOWN_CIRCLES lists circles that are gone or changed: {stale}"
+    assert not circles, "import circles (break them; a function-level import does not):\n" + "\n".join(
+        describe_circle(graph, c, files) for c in circles)
+
+
+def test_task_modules_import_no_private_names_of_each_other():
+    files = get_module_files(REPO)
+    bad = [f"{module}:{line} imports {target}.{name}"
+           for module, path in sorted(files.items()) if _in(module, "megavid.tasks")
+           for target, name, line in get_imports(path, module)
+           if name and name.startswith("_") and not name.startswith("__")
+           and _in(target, "megavid.tasks") and target != module]
+    assert not bad, "\n".join(bad)
 
 
 def test_shards_and_data_import_one_way():
@@ -253,9 +250,8 @@ def test_shards_and_data_import_one_way():
     assert any("megavid.shards.format" in t for m, t in direct.items() if _in(m, "megavid.data"))
 
 
-def test_data_and_shards_modules_stay_small():
-    long = {str(p.relative_to(REPO)): n for p in sorted([*(REPO / "megavid" / "data").rglob("*.py"),
-                                                          *(REPO / "megavid" / "shards").rglob("*.py")])
+def test_modules_stay_small():
+    long = {str(p.relative_to(REPO)): n for p in sorted(get_module_files(REPO).values())
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them along their seams): {long}"
 

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 from multinode_helpers import REPO, PretrainJob, job_env, missing_capability, run_checked
-from vhosts import MissingCapability, SshCluster, VirtualHosts, free_port
+from vhosts import MissingCapability, SshCluster, VirtualHosts
+
+from tests.helpers.multiprocess import free_port
 
 
 @pytest.fixture(scope="module")

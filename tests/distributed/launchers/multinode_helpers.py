@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.multiprocess import Job, ProcessTimeout, process_env, start_job
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -24,26 +25,29 @@ def missing_capability(reason: str) -> None:
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    """The launch environment: the venv on PATH, offline, one intra-op thread per rank (two
-    cores, up to four processes), plus ``extra``."""
-    # a launcher's own variables must not leak in from whatever started pytest
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MEGAVID_PYTHON"] = sys.executable
-    env["OMP_NUM_THREADS"] = "1"
-    env["HF_HUB_OFFLINE"] = "1"
-    env.update(extra)
-    return env
+    """The launch environment: the test harness's (offline, one intra-op thread per rank on two
+    cores, no launcher variables from whatever started pytest), the venv on PATH and as
+    MEGAVID_PYTHON, plus ``extra``."""
+    return process_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                       MEGAVID_PYTHON=sys.executable, **extra)
+
+
+def finish(job: Job, log: Path, timeout: float) -> int | str:
+    """Wait for a started launcher job (the harness kills its process group at ``timeout``),
+    write its stdout and stderr to ``log``; its exit code, or "timeout"."""
+    try:
+        res = job.wait(timeout)
+        rc: int | str = res.returncode
+    except ProcessTimeout:
+        res, rc = job.result(), "timeout"
+    log.write_text(res.stdout + res.stderr)
+    return rc
 
 
 def run_checked(cmd: list[str], *, env: dict[str, str], log: Path, timeout: float = JOB_TIMEOUT_S) -> None:
-    """Run ``cmd`` (cwd: the repository), fail the test with the log tail if it fails."""
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    """Run ``cmd`` (cwd: the repository) through the test harness, fail the test with the log
+    tail if it fails."""
+    rc = finish(start_job(cmd, env=env), log, timeout)
     if rc != 0:
         pytest.fail(f"{' '.join(cmd[:8])} ... exited {rc}:\n{log.read_text()[-4000:]}", pytrace=False)
 

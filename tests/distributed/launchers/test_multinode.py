@@ -10,14 +10,15 @@ import os
 import re
 import secrets
 import stat
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from multinode_helpers import REPO, job_env, run_checked
+from multinode_helpers import REPO, finish, job_env, run_checked
+
+from tests.helpers.multiprocess import run_job, start_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -28,15 +29,10 @@ def test_torchrun_two_nodes_matches_one_node(vhosts, job, reference, tmp_path):
     env = job_env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT="host1:29400", RDZV_ID="twonode", **NETWORK)
     cmd = ["bash", str(REPO / "launchers/torchrun.sh"), *job.args(tmp_path)]
     # host2 first: its agent waits at the rendezvous until host1 brings the c10d store up
-    logs = [open(tmp_path / f"host{i + 1}.log", "w") for i in range(2)]
-    procs = [vhosts.popen(i, cmd, cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in (1, 0)]
-    try:
-        rcs = [p.wait(timeout=240) for p in procs]
-    except subprocess.TimeoutExpired:
-        rcs = ["timeout"]
-    finally:
-        for f in logs:
-            f.close()
+    jobs = {i: start_job(vhosts.cmd(i, cmd), env=env) for i in (1, 0)}
+    deadline = time.monotonic() + 240
+    rcs = [finish(job, tmp_path / f"host{i + 1}.log", max(1.0, deadline - time.monotonic()))
+           for i, job in jobs.items()]
     tails = "\n".join(f"--- host{i + 1}\n" + (tmp_path / f"host{i + 1}.log").read_text()[-3000:] for i in range(2))
     assert rcs == [0, 0], tails
     result = job.result(tmp_path)
@@ -70,8 +66,8 @@ def test_deepspeed_launcher_names_unreachable_hosts(ssh_cluster, vhosts, tmp_pat
     hostfile.write_text("host1 slots=1\nhost2 slots=1\n")
     # nothing listens on port 2222: every host is unreachable, and the job must not start
     env = ssh_cluster.env(job_env(HOSTFILE=str(hostfile), SSH_PORT="2222"))
-    r = subprocess.run(vhosts.cmd(0, ["bash", str(REPO / "launchers/deepspeed.sh"), "pretrain", "experiment=demo"]),
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = run_job(vhosts.cmd(0, ["bash", str(REPO / "launchers/deepspeed.sh"), "pretrain", "experiment=demo"]),
+                env=env, timeout=60)
     assert r.returncode == 2, r.stderr
     err = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert len(err) == 1 and "host1 (" in err[0] and "host2 (" in err[0] and "Connection refused" in err[0]
@@ -82,13 +78,15 @@ def test_deepspeed_launcher_names_unreachable_hosts(ssh_cluster, vhosts, tmp_pat
 # double quotes ($(..) and `..` still run there), pdsh rewrites %n/%h/%%, sh ends at ' or "
 NASTY_RUN_NAME = """x y$(touch "$MEGAVID_TEST_MARKER")`touch "$MEGAVID_TEST_MARKER"`'"%n %% \\ end%"""
 # each rank records what reached it (its host, its arguments, a hash of the secret), then runs
-# the job: the real CLI with those arguments
+# the job: the real CLI with those arguments, ended as every worker of the suite ends (the
+# launcher exports its working folder, the repository, on PYTHONPATH to every node)
 RANK_SCRIPT = """import hashlib, json, os, socket, sys
 token = hashlib.sha256(os.environ.get("HF_TOKEN", "").encode()).hexdigest()
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"rank{os.environ['RANK']}.json"), "w") as f:
     json.dump({"host": socket.gethostname(), "argv": sys.argv[1:], "token_sha256": token}, f)
 from megavid.cli import main
-sys.exit(main(sys.argv[1:]))
+from tests.helpers.multiprocess import worker_main
+worker_main(lambda: main(sys.argv[1:]))
 """
 
 
@@ -121,9 +119,9 @@ def test_deepspeed_over_ssh_keeps_arguments_intact_and_secrets_private(ssh_clust
     # the control: the run name as DeepSpeed's runner passes it without megavid's quoting runs
     # `touch` on both hosts through the same pdsh and ssh, so the check below can fail
     as_deepspeed_passes_it = '"{}"'.format(f"run.name={NASTY_RUN_NAME}".replace('"', '\\"'))
-    r = subprocess.run(vhosts.cmd(0, ["pdsh", "-S", "-w", "host1,host2", f"export MEGAVID_TEST_MARKER={control};",
-                                      "echo", as_deepspeed_passes_it]),
-                       env={**env, "PDSH_RCMD_TYPE": "ssh"}, capture_output=True, text=True, timeout=60)
+    r = run_job(vhosts.cmd(0, ["pdsh", "-S", "-w", "host1,host2", f"export MEGAVID_TEST_MARKER={control};",
+                               "echo", as_deepspeed_passes_it]),
+                env={**env, "PDSH_RCMD_TYPE": "ssh"}, timeout=60)
     assert r.returncode == 0 and control.exists(), r.stdout + r.stderr
 
     args = [a for a in job.args(tmp_path) if not a.startswith("run.name=")] + [f"run.name={NASTY_RUN_NAME}",

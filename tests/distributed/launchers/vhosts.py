@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -206,10 +205,3 @@ class SshCluster:
         env = dict(os.environ if base is None else base)
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         return env
-
-
-def free_port() -> int:
-    """A free TCP port in the current network namespace."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

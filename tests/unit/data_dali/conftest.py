@@ -1,4 +1,4 @@
-"""Fixtures of the DALI backend tests (helpers live in ``dali_shards``)."""
+"""Fixtures of the DALI backend tests (helpers live in ``tests/helpers/dali_shards.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dali_shards import make_shards
+from tests.helpers.dali_shards import make_shards
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,6 @@ def h264_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def image_shards(tmp_path_factory) -> Path:
     """10 images (JPEG and PNG, 56x40) in 3 shards of 4, 4, 2."""
-    from dali_shards import make_image_shards
+    from tests.helpers.dali_shards import make_image_shards
 
     return make_image_shards(tmp_path_factory.mktemp("images") / "shards", 10)

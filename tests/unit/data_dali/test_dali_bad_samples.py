@@ -1,4 +1,4 @@
-"""Bad samples in the DALI loaders (CPU decoders; issue 17), on damaged real shards: VP9 video
+"""Bad samples in the DALI loaders (CPU decoders), on damaged real shards: VP9 video
 shards with one tar cut in the middle of a member and random bytes written into the videos of
 another, and frames (JPEG) shards with a cut tar and garbled frames. Against references computed
 without the loaders (tarfile + PyAV / PIL decodes): no key twice in a batch, each bad sample
@@ -7,10 +7,8 @@ DALI threads and after a resume mid-epoch; quarantined samples are not decoded a
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import itertools
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_shards import data_cfg, make_shards, render
+from tests.helpers import bad_shards
+from tests.helpers.dali_shards import data_cfg, make_shards, render
 
 pytest.importorskip("nvidia.dali")
 
@@ -29,18 +28,6 @@ from megavid.data.dali.loader import DaliLoader  # noqa: E402
 from megavid.data.loader import build_pyav_loader  # noqa: E402
 from megavid.shards.format import read_index  # noqa: E402
 from megavid.shards.writer import ShardSample, write_shards  # noqa: E402
-
-
-def _load_bad_shards():
-    # the helpers of tests/unit/data_loader (a sibling test folder, not on sys.path here)
-    path = Path(__file__).resolve().parents[1] / "data_loader" / "bad_shards.py"
-    spec = importlib.util.spec_from_file_location("bad_shards", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bad_shards = _load_bad_shards()
 
 N = 30  # 6 tars of 5
 B = 5
@@ -177,20 +164,7 @@ def damaged_frames(tmp_path_factory) -> tuple[Path, list[str], dict[str, str]]:
 
     # the reference: stream each tar; a sample with a missing or short member is truncated,
     # one with a frame PIL cannot decode is a decode error
-    members: dict[str, dict[str, bytes | None]] = {}
-    for tar in sorted(d.glob("*.tar")):
-        with open(tar, "rb") as raw:
-            try:
-                with tarfile.open(fileobj=raw, mode="r|") as tf:
-                    for m in tf:
-                        key, ext = m.name.split(".", 1)
-                        try:
-                            data = tf.extractfile(m).read()
-                        except tarfile.ReadError:
-                            data = None
-                        members.setdefault(key, {})[ext] = data
-            except tarfile.ReadError:
-                pass
+    members = bad_shards.read_members(d)
     ref = {}
     for key in entries:
         got = members.get(key, {})

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_shards import data_cfg, make_image_shards
+from tests.helpers.dali_shards import data_cfg, make_image_shards
 
 pytest.importorskip("nvidia.dali")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dali_shards import NUM_FRAMES, data_cfg
+from tests.helpers.dali_shards import NUM_FRAMES, data_cfg
 
 pytest.importorskip("nvidia.dali")
 

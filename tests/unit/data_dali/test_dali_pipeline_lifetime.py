@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_shards import data_cfg, make_shards, render
+from tests.helpers.dali_shards import data_cfg, make_shards, render
 
 pytest.importorskip("nvidia.dali")
 

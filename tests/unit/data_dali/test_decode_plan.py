@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dali_shards import data_cfg
 from megavid.data import build
 from megavid.data.build import AUTO_POLICY, get_decode_plan, plan_decode, scan_shards
 from megavid.shards import format as shard_format
+from tests.helpers.dali_shards import data_cfg
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -1,4 +1,4 @@
-"""The video-stream speed-ups of issue 10: ``make-shards --gop N``, PyAV's keyframe-aware
+"""The video-stream speed-ups: ``make-shards --gop N``, PyAV's keyframe-aware
 decode (only the GOPs that hold sampled frames) and ``trim_to_gops`` for DALI.
 
 References: PyAV packet flags (keyframe interval), PyAV full decodes of the source and of the

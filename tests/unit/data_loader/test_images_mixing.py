@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from loader_clips import NUM_SAMPLES, SIZE, data_config
 from megavid.data.build import build_loader
 from megavid.data.mixing import MixedLoader
 from megavid.data.pyav_backend import decode_image
 from megavid.errors import ConfigError, DataError
 from megavid.shards.writer import ShardSample, write_shards
+from tests.helpers.loader_clips import NUM_SAMPLES, SIZE, data_config
 
 NUM_IMAGES = 6
 IMG_H, IMG_W = SIZE, SIZE + 16  # landscape: eval centre-crops columns 8..8+SIZE

@@ -17,7 +17,7 @@ from megavid.data.order import get_permutation
 from megavid.errors import ConfigError, DataError
 from megavid.shards.format import read_index
 
-from loader_clips import NUM_SAMPLES, data_config, frame_level, sample_colour
+from tests.helpers.loader_clips import NUM_SAMPLES, data_config, frame_level, sample_colour
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

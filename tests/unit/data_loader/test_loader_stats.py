@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from loader_clips import data_config, make_clip
 from megavid.data import workers
 from megavid.data.loader import build_pyav_loader
 from megavid.data.mixing import MixedLoader
 from megavid.data.synthetic_loader import SyntheticLoader
 from megavid.shards.format import get_frame_ext
 from megavid.shards.writer import ShardSample, write_shards
+from tests.helpers.loader_clips import data_config, make_clip
 
 KEYS = {"pipeline_builds", "batches", "feed_ms_per_batch", "decode_wait_ms_per_batch"}
 

@@ -14,7 +14,7 @@ from megavid.data.pyav_backend import decode_clip, probe_video
 from megavid.data.sampling import sample_timestamps, timestamps_to_indices
 from megavid.errors import DataError
 
-from loader_clips import encode_video
+from tests.helpers.loader_clips import encode_video
 
 
 def full_decode(data: bytes) -> np.ndarray:

@@ -15,7 +15,7 @@ from megavid.data.build import build_loader
 from megavid.data.order import get_permutation
 from megavid.errors import ConfigError
 
-from loader_clips import NUM_SAMPLES, data_config
+from tests.helpers.loader_clips import NUM_SAMPLES, data_config
 
 
 @pytest.mark.parametrize("n,block", [(24, 4), (26, 4), (7, 3), (5, 8)])

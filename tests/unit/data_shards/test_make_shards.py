@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from megavid.shards.format import read_index, read_sample
 from megavid.shards.ingest.make_shards import make_shards
 from megavid.shards.ingest.options import MakeShardsOptions
 from megavid.shards.verify import verify_shards
+from tests.helpers.multiprocess import python_module, run_job, start_job
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -175,9 +174,8 @@ def test_input_errors_before_any_work(videos_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--videos" in err
     # the same through tools/make_shards.py, a separate process
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "--videos",
-                        str(tmp_path / "novideos"), "--annotations", str(ann), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    p = run_job([sys.executable, str(REPO / "tools" / "make_shards.py"), "--videos",
+                 str(tmp_path / "novideos"), "--annotations", str(ann), "--out", str(tmp_path / "o")], timeout=300)
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -219,23 +217,22 @@ def test_kill_mid_run_then_rerun_gives_the_same_shards(videos_dir, tmp_path):
                            for i, n in enumerate(names)))
     args = ["--videos", str(videos_dir), "--annotations", str(ann), "--codec", "vp9",
             "--short-side", "64", "--max-fps", "6", "--max-count", "1", "--workers", "1", "--quiet"]
-    cmd = [sys.executable, "-m", "megavid.cli", "make-shards", *args, "--out"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    subprocess.run(cmd + [str(tmp_path / "clean")], check=True, env=env, cwd=REPO)
+    cmd = python_module("megavid.cli", "make-shards", *args, "--out")
+    run_job(cmd + [str(tmp_path / "clean")], timeout=300).check()
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + [str(out)], env=env, cwd=REPO)
+    proc = start_job(cmd + [str(out)])
     deadline = time.time() + 60
     while not (out / "00001_stats.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     assert not (out / "index.jsonl").exists(), "the run finished before it could be killed"
     # whatever is under a final name is complete: its stats match, it parses
     for tar in out.glob("*.tar"):
         st = json.loads((out / f"{tar.stem}_stats.json").read_text())
         assert st["bytes"] == tar.stat().st_size
-    subprocess.run(cmd + [str(out)], check=True, env=env, cwd=REPO)
+    run_job(cmd + [str(out)], timeout=300).check()
     summary = json.loads((out / "make_shards.json").read_text())["summary"]
     assert summary["resumed_shards"] >= 2
     assert _outputs(out) == _outputs(tmp_path / "clean")

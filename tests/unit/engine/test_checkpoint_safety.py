@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import pickle
@@ -25,21 +24,18 @@ import random
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from megavid_toy import ToyModel
 
 from megavid.engine import checkpoint as C
 from megavid.errors import CheckpointError
+from tests.helpers.drive import drive
+from tests.helpers.megavid_toy import ToyModel
 
-ROOT = Path(__file__).resolve().parents[3]
-DRIVER = Path(__file__).resolve().parent / "trainer_driver.py"
 SYSTEM = f"{os.system.__module__}.{os.system.__name__}"  # what a pickle of os.system imports
 
 
@@ -261,12 +257,7 @@ def ds_runs(tmp_path_factory) -> Path:
                                    f"train.max_steps={steps}", "train.ckpt_every=2", "train.keep_last=0",
                                    "train.tensorboard=false", "optim.lr=1e-2"],
                      "overwrite": True, "task": {"num_samples": 64}})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(runs)], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    drive(runs)
     for name in ("z1_fp32", "z2_bf16", "z3_bf16"):  # universal copies of ZeRO 1-3
         C.convert_to_universal(out / name / "checkpoints" / "step_2")
     return out

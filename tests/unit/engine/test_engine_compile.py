@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +20,8 @@ from megavid.config import compose
 from megavid.engine.parallelize import apply_model_options
 from megavid.errors import ConfigError
 from megavid.models import build_model, get_blocks
-
-ROOT = Path(__file__).resolve().parents[3]
-DRIVER = Path(__file__).resolve().parent / "compile_driver.py"
+from tests.helpers.drive import result_records
+from tests.helpers.multiprocess import process_env, python_module, run_job
 
 # 2 TimeSformer blocks + 2 BERT text layers + 1 fusion layer
 TINY = ["model.video.img_size=32", "model.video.patch_size=8", "model.video.num_frames=3",
@@ -184,14 +180,11 @@ def test_engine_run_with_compiled_blocks_gives_eager_losses(tmp_path) -> None:
             base + ["run.name=blocks0", "train.zero_stage=0", "model.compile=blocks"]]
     # threads as in this process: inductor's CPU code (and its on-disk cache key) depends on them,
     # so the blocks compiled by test_compiled_blocks_equal_eager_inductor are reused here
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    p = subprocess.run([sys.executable, str(DRIVER), json.dumps(runs)], env=env, cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=800)
+    env = process_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+                      MKL_NUM_THREADS=os.environ.get("MKL_NUM_THREADS"))
+    p = run_job(python_module("tests.helpers.compile_driver", json.dumps(runs)), env=env, timeout=800)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    eager, blocks2, blocks0 = [json.loads(line[len("RESULT "):]) for line in p.stdout.splitlines()
-                               if line.startswith("RESULT ")]
+    eager, blocks2, blocks0 = result_records(p.stdout)
     assert eager["step"] == blocks2["step"] == blocks0["step"] == 3
     assert eager["graphs"] == 0 and eager["blocks"] == 0
     assert len(set(eager["losses"])) == 3  # the losses move: the comparison means something

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megavid.engine.dist import (NCCL_DEFAULTS, WorldInfo, all_gather_with_grad, apply_network_env,
-                                 first_slurm_host, get_world_info)
+from megavid.cluster import first_slurm_host
+from megavid.engine.dist import NCCL_DEFAULTS, WorldInfo, all_gather_with_grad, apply_network_env, get_world_info
 from megavid.errors import LaunchError
 
 

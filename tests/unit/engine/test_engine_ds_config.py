@@ -91,3 +91,21 @@ def test_user_json_missing_or_invalid(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         build_ds_config(_cfg(f"train.deepspeed_json={bad}"), 1)
+
+
+def test_batch_plan_is_the_one_batch_math():
+    from megavid.engine.deepspeed_setup import BatchPlan
+
+    cfg = _cfg("data.batch_size=6", "train.grad_accum=3")
+    plan = BatchPlan.from_config(cfg, world_size=4)
+    assert (plan.micro, plan.accumulation, plan.world, plan.global_batch) == (6, 3, 4, 72)
+    ds = build_ds_config(cfg, world_size=4)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        plan.micro, plan.accumulation, plan.global_batch)
+    # 10 micro-batches per rank -> 3 steps of 3; capped by samples: 150 // 72 = 2, 10 // 72 -> at least 1
+    assert plan.steps_per_epoch(10) == 3
+    assert plan.steps_per_epoch(10, max_samples=150) == 2 and plan.steps_per_epoch(10, max_samples=10) == 1
+    with pytest.raises(ConfigError, match="2 micro-batches per rank, fewer than train.grad_accum=3"):
+        plan.steps_per_epoch(2)
+    with pytest.raises(ConfigError, match="data.batch_size=0 must be >= 1"):
+        BatchPlan.from_config(_cfg("data.batch_size=0"), world_size=1)

@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
-from megavid_toy import ToyModel
-
 from megavid.config import OptimConfig
 from megavid.errors import ConfigError
 from megavid.engine.optim import (LRSchedule, build_optimizer, build_param_groups, build_scheduler,
                                   get_lr_scale, get_model_order, get_param_order, get_warmup_steps)
+from tests.helpers.megavid_toy import ToyModel
 
 
 def _names(groups, name):

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from drive import ROOT, driver_env, drive
-from megavid_toy import ToyLoader, ToyModel
 from torch import nn
 
 from megavid.config import Config, compose, to_dict, to_yaml
@@ -24,6 +20,9 @@ from megavid.engine import resume
 from megavid.engine.logging import read_metrics
 from megavid.engine.optim import build_optimizer, build_param_groups, build_scheduler, get_lr_scale
 from megavid.errors import CheckpointError
+from tests.helpers.drive import drive
+from tests.helpers.megavid_toy import ToyLoader, ToyModel
+from tests.helpers.multiprocess import python_module, run_job
 
 TINY = ["model=timesformer_tiny"]
 
@@ -327,9 +326,6 @@ def test_resume_changes_take_effect_or_are_refused(tmp_path):
     assert "\n" not in err and "train.zero_stage 2 -> 1" in err and "train.precision 'fp32' -> 'bf16'" in err
 
 
-_CLI = "import sys; from megavid.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
 @pytest.mark.slow
 def test_cli_refuses_a_changed_model_in_one_line(tmp_path):
     """(2) A real model whose depth changed: DeepSpeed never sees it (no state-dict dump), the CLI
@@ -340,13 +336,11 @@ def test_cli_refuses_a_changed_model_in_one_line(tmp_path):
             "model.text.num_layers=2", "model.text.fusion_layers=1", "model.text.intermediate_size=64",
             "model.proj_dim=16", "data.img_size=32", "data.num_frames=2", "data.batch_size=2",
             "data.max_text_len=16", "train.precision=fp32", "train.max_steps=1", "train.tensorboard=false"]
-    first = subprocess.run([sys.executable, "-c", _CLI, "pretrain", *over, "--overwrite"], env=driver_env(),
-                           cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    first = run_job(python_module("megavid.cli", "pretrain", *over, "--overwrite"), timeout=300)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     assert (tmp_path / "m" / "checkpoints" / "step_1").is_dir()
-    second = subprocess.run([sys.executable, "-c", _CLI, "pretrain", *over, "model.video.depth=2",
-                             "train.max_steps=2"], env=driver_env(), cwd=str(ROOT), capture_output=True, text=True,
-                            timeout=300)
+    second = run_job(python_module("megavid.cli", "pretrain", *over, "model.video.depth=2", "train.max_steps=2"),
+                     timeout=300)
     assert second.returncode == 2, (second.stdout + second.stderr)[-4000:]
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1, second.stderr

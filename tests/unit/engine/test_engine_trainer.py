@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 import math
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from drive import DRIVER, ROOT, driver_env, drive
-from megavid_toy import ToyModel
 
 from megavid.engine.checkpoint import load_exported
+from tests.helpers.drive import driver_argv, drive
+from tests.helpers.megavid_toy import ToyModel
+from tests.helpers.multiprocess import start_job
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +35,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
     base = [f"run.output_dir={tmp_path}", "data.batch_size=8", "train.zero_stage=2", "train.precision=bf16",
             "train.log_every=2", "optim.lr=1e-2", "optim.warmup_steps=2", "train.ckpt_every=3", "train.keep_last=2"]
+    # results of an older run in the folder the "ep" run below overwrites
+    (tmp_path / "ep" / "eval").mkdir(parents=True)
+    (tmp_path / "ep" / "eval" / "zeroshot_test_step8.json").write_text("{}")
     results = drive([
         {"overrides": base + ["run.name=a", "train.max_steps=8", "train.grad_accum=2"], "overwrite": True},
         # same run dir, more steps: resumes from step 8 (latest) and continues to 10
@@ -126,6 +128,9 @@ def test_zero2_bf16_single_process_run_dir_resume_and_debug(tmp_path):
     keys = [k for line in (tmp_path / "keys_ep" / "keys_rank0.jsonl").read_text().splitlines()
             for k in json.loads(line)]
     assert len(keys) == 128 and len(set(keys[:64])) == len(set(keys[64:])) == 64  # each epoch: every sample once
+    # an --overwrite run keeps its own log (the old run's logs/ is cleared before it is opened)
+    assert "run finished: step 8/8" in (tmp_path / "ep" / "logs" / "rank0.log").read_text()
+    assert not (tmp_path / "ep" / "eval").exists()  # the old run's results went with its checkpoints
     assert "pip install wandb" in wandb_missing["error"] and wandb_missing["error"].startswith("ConfigError")
     assert debug_wandb["summary"]["step"] == 3 and not (tmp_path / "dbgwb").exists()
 
@@ -134,17 +139,17 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     runs = [{"overrides": [f"run.output_dir={tmp_path}", "run.name=t", "data.batch_size=8", "train.precision=fp32",
                            "train.max_steps=100000", "train.log_every=1", "train.tensorboard=false"],
              "overwrite": True, "task": {"num_samples": 64}}]
-    proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(runs)], env=driver_env(), cwd=str(ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = start_job(driver_argv(runs))
     metrics = tmp_path / "t" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and job.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    assert job.poll() is None, job.wait(timeout=60).stderr[-3000:]
+    job.send_signal(signal.SIGTERM)
+    proc = job.wait(timeout=120)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err[-3000:]
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     summary = result["summary"]

@@ -95,7 +95,8 @@ def test_label_files_read_by_make_shards_readers_and_found_under_data_root(tmp_p
     """task.cls.label_file goes through megavid.shards.ingest.annotations (one parser per format), and
     relative task.cls paths are looked up under data.root before the working directory."""
     from megavid.config import compose
-    from megavid.tasks.classification import get_data_file, read_label_file
+    from megavid.shards.ingest.labels import read_label_file
+    from megavid.tasks.base import get_data_file
 
     (tmp_path / "list.csv").write_text("path,label\nvids/a_1.mp4,jump\nvids/b_2.mp4,run\n")
     assert read_label_file(tmp_path / "list.csv") == {

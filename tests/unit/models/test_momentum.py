@@ -5,10 +5,6 @@ that runs the EMA once per optimizer step (a real DeepSpeed run)."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +14,7 @@ from megavid.errors import ConfigError
 from megavid.models import build_model
 from megavid.models.losses import enqueue_features, vtc_loss_momentum
 from megavid.models.videolm import MOMENTUM_PAIRS
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.helpers.multiprocess import python_module, run_job
 
 
 def _momentum_pairs(model):
@@ -237,7 +232,9 @@ def test_blip_import_loads_momentum_towers_and_queues(make_cfg) -> None:
     sd["idx_queue"] = torch.zeros(1, 8)
     model = build_model(cfg)
     report = load_blip_alpro_into(model, sd)
-    assert not report.missing and not report.unexpected
+    # the helper's text encoder (BertForMaskedLM) has no pooler: reported, kept at init
+    assert report.missing == [f"{t}.pooler.{k}" for t in ("text_encoder", "text_encoder_m") for k in ("bias", "weight")]
+    assert not report.unexpected
     torch.testing.assert_close(model.video_encoder_m.blocks[0].temporal_fc.weight,
                                sd["visual_encoder_m.model.blocks.0.temporal_fc.weight"])
     torch.testing.assert_close(model.text_encoder_m.embeddings.word_embeddings.weight,
@@ -260,12 +257,6 @@ def test_blip_import_loads_momentum_towers_and_queues(make_cfg) -> None:
     assert torch.equal(model2.video_queue, init_queue)
 
 
-_TRAIN = r"""
-import sys, torch
-from megavid.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 
 @pytest.mark.slow
 def test_engine_runs_ema_once_per_optimizer_step(tmp_path) -> None:
@@ -282,11 +273,7 @@ def test_engine_runs_ema_once_per_optimizer_step(tmp_path) -> None:
         "train.ckpt_every=1", "train.keep_last=3", "train.tensorboard=false", "optim.lr=1e-2",
         "optim.warmup_steps=0", "run.seed=7",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-c", _TRAIN, "pretrain", *over, "--overwrite"], env=env,
-                          cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    proc = run_job(python_module("megavid.cli", "pretrain", *over, "--overwrite"), timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ckpt = tmp_path / "mom" / "checkpoints"
 

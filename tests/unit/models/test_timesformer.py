@@ -6,12 +6,8 @@ import pytest
 import torch
 import transformers
 
-from megavid.models.timesformer import (
-    TIMESFORMER_VARIANTS,
-    TimeSformer,
-    create_timesformer,
-    resize_time_embed,
-)
+from megavid.models.timesformer import TimeSformer, resize_time_embed
+from megavid.models.variants import TIMESFORMER_VARIANTS, create_timesformer
 from megavid.models.weights import load_video_into
 
 
@@ -240,3 +236,23 @@ def test_divided_block_copies_little_of_the_token_tensor() -> None:
     token_bytes = 2 * (1 + 16 * 4) * 64 * 4
     per_block = (copied(3) - copied(1)) / 2 / token_bytes
     assert per_block < 11, per_block
+
+
+def test_kernel_impl_is_a_constructor_argument():
+    # model.kernel_impl reaches the divided blocks at construction, like attn_impl: the fused
+    # block computes what the unfused one does (CPU "auto": the kernels' torch backends).
+    pytest.importorskip("megavid.kernels")
+    from megavid.models import apply_kernels
+
+    args = dict(img_size=32, patch_size=8, num_frames=3, embed_dim=48, depth=2, num_heads=4)
+    plain = TimeSformer(**args).eval()
+    fused = TimeSformer(**args, kernel_impl="auto").eval()
+    fused.load_state_dict(plain.state_dict())
+    assert [b.kernel_impl for b in fused.blocks] == ["auto", "auto"]
+    assert [b.kernel_impl for b in plain.blocks] == ["torch", "torch"]
+    x = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x)[0], plain(x)[0], atol=1e-5, rtol=1e-5)
+    assert apply_kernels(fused, "auto")["divided_block"] == 2
+    with pytest.raises(ValueError, match="built with kernel_impl='torch'; build the TimeSformer with kernel_impl='auto'"):
+        apply_kernels(plain, "auto")

@@ -3,13 +3,11 @@ gradients equal a single process on the whole batch (the second process is the o
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from megavid.models import build_model
+from tests.helpers.multiprocess import run_ranks
 
 WORLD = 2
 
@@ -27,33 +25,28 @@ def _cfg():
     ]).model
 
 
-def _worker(rank: int, store_file: str, payload: dict, out_dir: str) -> None:
+def _worker(rank: int, payload: dict) -> dict:
     import torch.distributed as dist
 
     from megavid.engine.dist import all_gather_with_grad
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
-    try:
-        model = build_model(_cfg())
-        model.load_state_dict(payload["state"])
-        n = payload["video"].shape[0] // WORLD
-        sl = slice(rank * n, (rank + 1) * n)
-        out = model(payload["video"][sl], payload["ids"][sl], payload["mask"][sl], gather=all_gather_with_grad)
-        out["loss"].backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)  # what DeepSpeed does: average over ranks
-                grads[name] = p.grad / WORLD
-        torch.save({"loss": out["loss"].detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = build_model(_cfg())
+    model.load_state_dict(payload["state"])
+    n = payload["video"].shape[0] // WORLD
+    sl = slice(rank * n, (rank + 1) * n)
+    out = model(payload["video"][sl], payload["ids"][sl], payload["mask"][sl], gather=all_gather_with_grad)
+    out["loss"].backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)  # what DeepSpeed does: average over ranks
+            grads[name] = p.grad / WORLD
+    return {"loss": out["loss"].detach(), "grads": grads}
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_vtc_gather_two_processes_equals_single_process(tmp_path) -> None:
+def test_vtc_gather_two_processes_equals_single_process() -> None:
     torch.manual_seed(0)
     model = build_model(_cfg())
     B = 6
@@ -63,10 +56,7 @@ def test_vtc_gather_two_processes_equals_single_process(tmp_path) -> None:
     out = model(video, ids, mask)
     out["loss"].backward()
     payload = {"state": model.state_dict(), "video": video, "ids": ids, "mask": mask}
-    mp.start_processes(_worker, args=(str(tmp_path / "store"), payload, str(tmp_path)), nprocs=WORLD,
-                       join=True, start_method="spawn")
-    for rank in range(WORLD):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+    for res in run_ranks(_worker, WORLD, payload):
         torch.testing.assert_close(res["loss"], out["loss"].detach(), atol=1e-5, rtol=1e-5)
         for name, p in model.named_parameters():
             if p.grad is None:

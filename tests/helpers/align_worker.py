@@ -1,5 +1,6 @@
-"""Worker of test_param_alignment.py: builds megavid's engine (tiny VideoLM, bf16) at the ZeRO
-stages given and prints, per stage, each parameter's size and its address modulo 16 bytes."""
+"""Worker of tests/distributed/test_param_alignment.py (``python -m tests.helpers.align_worker
+STAGE...``): builds megavid's engine (tiny VideoLM, bf16) at the ZeRO stages given and prints,
+per stage, each parameter's size and its address modulo 16 bytes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from megavid.config import compose
 from megavid.engine.deepspeed_setup import build_engine
 from megavid.engine.dist import init_distributed
 from megavid.models import build_model
+from tests.helpers.multiprocess import worker_main
 
 
 def main() -> None:
@@ -28,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(main)

@@ -1,8 +1,7 @@
-"""Helpers of the bad-sample tests: damage real shards the way a cluster does (a tar cut short by
-an interrupted copy, random bytes overwritten inside video members) and find the damaged samples
-independently of the loaders (tarfile streaming + a PyAV decode of every frame of each member).
-
-A uniquely named module (not ``conftest``); the DALI tests load it by path."""
+"""Helpers of the bad-sample tests (PyAV and DALI loaders): damage real shards the way a cluster
+does (a tar cut short by an interrupted copy, random bytes overwritten inside video members) and
+find the damaged samples independently of the loaders (tarfile streaming + a PyAV decode of
+every frame of each member)."""
 
 from __future__ import annotations
 
@@ -68,12 +67,10 @@ def classify_video(data: bytes, num_frames: int) -> str:
     return "good" if got == num_frames else ("decode_error" if got == 0 else "partial")
 
 
-def reference_failures(shard_dir: Path, keys: list[str]) -> dict[str, str]:
-    """{key: reason} of the samples among ``keys`` that cannot be used, found without the
-    loaders or index.jsonl: each tar of ``shard_dir`` is streamed with ``tarfile``; a sample
-    whose members are missing or end early is "truncated_shard", one whose JSON has no
-    caption "no_caption", one whose video PyAV cannot decode at all "decode_error" (one that
-    decodes only in part is reported as "partial": damage the tests avoid)."""
+def read_members(shard_dir: Path) -> dict[str, dict[str, bytes | None]]:
+    """{key: {ext: bytes}} of every member of the tars of ``shard_dir``, streamed with
+    ``tarfile`` (no index): a member that ends early is None, members after a header cut short
+    are missing."""
     members: dict[str, dict[str, bytes | None]] = {}
     for tar in sorted(shard_dir.glob("*.tar")):
         with open(tar, "rb") as raw:
@@ -90,6 +87,16 @@ def reference_failures(shard_dir: Path, keys: list[str]) -> dict[str, str]:
                         members.setdefault(key, {})[ext] = data
             except tarfile.ReadError:
                 pass  # a header cut short: every later member is missing
+    return members
+
+
+def reference_failures(shard_dir: Path, keys: list[str]) -> dict[str, str]:
+    """{key: reason} of the samples among ``keys`` that cannot be used, found without the
+    loaders or index.jsonl (:func:`read_members`): a sample whose members are missing or end
+    early is "truncated_shard", one whose JSON has no caption "no_caption", one whose video
+    PyAV cannot decode at all "decode_error" (one that decodes only in part is reported as
+    "partial": damage the tests avoid)."""
+    members = read_members(shard_dir)
     out: dict[str, str] = {}
     for key in keys:
         got = members.get(key, {})
@@ -128,13 +135,3 @@ def assert_no_duplicate_keys(batches: list[dict]) -> None:
     for i, b in enumerate(batches):
         dup = sorted(k for k in set(b["keys"]) if b["keys"].count(k) > 1)
         assert not dup, f"batch {i} holds {dup} more than once: {b['keys']}"
-
-
-def count_duplicate_slots(batches: list[dict]) -> tuple[int, int]:
-    """(slots taken by a key already in the same batch, the most copies of one key in a
-    batch), summed / maxed over ``batches`` (the issue's measurement)."""
-    dup = most = 0
-    for b in batches:
-        dup += len(b["keys"]) - len(set(b["keys"]))
-        most = max([most] + [b["keys"].count(k) for k in b["keys"]])
-    return dup, most

@@ -1,6 +1,7 @@
-"""Runs `megavid ARGS...` (``megavid.cli.main``) with one fault injected, for test_faults.py.
+"""Runs `megavid ARGS...` (``megavid.cli.run``, the program itself) with one fault injected,
+for tests/integration/test_faults.py.
 
-Usage: ``python fault_driver.py FAULT ARGS...``, where FAULT is one of
+Usage: ``python -m tests.helpers.fault_driver FAULT ARGS...``, where FAULT is one of
 
 - ``none``: no fault;
 - ``worker@S``: a DataLoader worker raises while building the batch of global step S;
@@ -10,7 +11,8 @@ Usage: ``python fault_driver.py FAULT ARGS...``, where FAULT is one of
 
 Steps count optimizer steps from 1 (one micro-batch per step in these tests); the rank is
 the global rank. The faults patch the real code in this process (forked loader workers
-inherit the patch): nothing in megavid knows about them.
+inherit the patch): nothing in megavid knows about them. The process ends as the ``megavid``
+program does (``megavid.cli.run``: flushed, then ``os._exit``), which is what is under test.
 """
 
 from __future__ import annotations

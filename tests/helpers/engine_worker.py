@@ -1,4 +1,5 @@
-"""Worker run under torchrun by test_engine_distributed.py. One JSON spec in, one JSON per rank out.
+"""Worker of tests/distributed/test_engine_distributed.py, run as ranks under torch.distributed.run
+(``python -m tests.helpers.engine_worker SPEC``). One JSON spec in, one JSON per rank out.
 
 Spec: {"out": path, "runs": [{"name", "overrides": [...], "task": {...}, "resume": str|None,
 "expect_error": bool, "probe": bool}]}. Each run trains through ``Trainer`` and records the
@@ -15,13 +16,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from megavid_toy import DIM, ToyTask  # noqa: E402
-
-from megavid.config import compose  # noqa: E402
-from megavid.engine.trainer import Trainer  # noqa: E402
-from megavid.errors import MegavidError  # noqa: E402
+from megavid.config import compose
+from megavid.engine.trainer import Trainer
+from megavid.errors import MegavidError
+from tests.helpers.megavid_toy import DIM, ToyTask
+from tests.helpers.multiprocess import worker_main
 
 
 def optimizer_state_numel(engine) -> dict:
@@ -102,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(main)

@@ -1,7 +1,5 @@
-"""Helpers of the loader tests: tiny real VP9 clips encoded with PyAV/libvpx.
-
-A uniquely named module (not ``from conftest import``): several test folders have a
-conftest.py, and which one a bare ``conftest`` import finds depends on collection order."""
+"""Helpers of the loader tests (tests/unit/data_loader): tiny real VP9 clips encoded with
+PyAV/libvpx."""
 
 from __future__ import annotations
 

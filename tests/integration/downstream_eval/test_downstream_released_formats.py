@@ -1,9 +1,9 @@
-"""Issue #12 on the released file formats, end to end on the synthetic clips: annotation files
-written here in the layouts the benchmarks ship (Charades-Ego CSV + class list, a generic
-``path,label`` list, EK-100's retrieval CSVs + relevancy pickle, EgoVLP's egomcq.json), turned
-into shards by ``megavid make-shards`` (its own readers of those formats), then evaluated by
-the issue's commands. Every reported number is recomputed here from the saved per-sample
-scores or the reloaded features, with metric code written in this file.
+"""The downstream evaluation commands on the released file formats, end to end on the synthetic
+clips: annotation files written here in the layouts the benchmarks ship (Charades-Ego CSV + class
+list, a generic ``path,label`` list, EK-100's retrieval CSVs + relevancy pickle, EgoVLP's
+egomcq.json), turned into shards by ``megavid make-shards`` (its own readers of those formats),
+then evaluated by finetune-cls and eval-egocentric. Every reported number is recomputed here
+from the saved per-sample scores or the reloaded features, with metric code written in this file.
 """
 
 from __future__ import annotations
@@ -105,11 +105,11 @@ def _model_logits(cfg, ckpt: Path, batch) -> torch.Tensor:
         return model(normalize_clip(batch["video"], torch.device("cpu"), torch.float32)).float()
 
 
-def test_finetune_multilabel_charades_ego_csv(issue12_root, base_args, tmp_path):
+def test_finetune_multilabel_charades_ego_csv(downstream_root, base_args, tmp_path):
     """Charades-Ego layout: the 'actions' column lists class ids with times (here the clip's
     colour and direction as two actions), the class list maps ids to names; make-shards reads
     the labels into the samples and finetune-cls reports mAP over the 12 classes."""
-    from megavid.tasks.classification import read_label_file
+    from megavid.shards.ingest.labels import read_label_file
 
     ce = tmp_path / "charades_ego"
     (ce / "CharadesEgo").mkdir(parents=True)
@@ -119,7 +119,7 @@ def test_finetune_multilabel_charades_ego_csv(issue12_root, base_args, tmp_path)
     expected: dict[str, set[int]] = {}
     for split, n in (("train", 64), ("val", 32)):
         rows = []
-        for m in _metas(issue12_root, split)[:n]:
+        for m in _metas(downstream_root, split)[:n]:
             a = m["attributes"]
             col, dirn = COLOURS.index(a["colour"]), 8 + DIRECTIONS.index(a["direction"])
             expected[m["key"]] = {col, dirn}
@@ -133,7 +133,7 @@ def test_finetune_multilabel_charades_ego_csv(issue12_root, base_args, tmp_path)
             w = csv.DictWriter(f, CHARADES_COLS)
             w.writeheader()
             w.writerows(rows)
-        _make_shards(issue12_root / "raw" / split, ann, ce / "shards" / split, "charades_ego")
+        _make_shards(downstream_root / "raw" / split, ann, ce / "shards" / split, "charades_ego")
 
     # the label-file route reads the same CSV through the same reader: the same labels
     by_file = read_label_file(ce / "CharadesEgo" / "CharadesEgo_v1_val_only1st.csv")
@@ -174,7 +174,7 @@ def test_finetune_multilabel_charades_ego_csv(issue12_root, base_args, tmp_path)
     torch.testing.assert_close(scores[rows], logits, rtol=1e-4, atol=1e-5)
 
 
-def test_finetune_path_label_list(issue12_root, base_args, tmp_path):
+def test_finetune_path_label_list(downstream_root, base_args, tmp_path):
     """A generic `path,label` list (paths relative to the video folder, labels as names):
     make-shards' classification reader writes 'label', finetune-cls reports top-1/top-4."""
 
@@ -182,13 +182,13 @@ def test_finetune_path_label_list(issue12_root, base_args, tmp_path):
     truth: dict[str, int] = {}
     for split, n in (("train", 64), ("val", 32)):
         lines = ["path,label"]
-        for m in _metas(issue12_root, split)[:n]:
+        for m in _metas(downstream_root, split)[:n]:
             lines.append(f"{split}/{Path(m['source']).name},{m['attributes']['direction']}")
             truth[m["key"]] = DIRECTIONS.index(m["attributes"]["direction"])
         ann = root / f"{split}.csv"
         ann.parent.mkdir(parents=True, exist_ok=True)
         ann.write_text("\n".join(lines) + "\n")
-        _make_shards(issue12_root / "raw", ann, root / "shards" / split, "classification")
+        _make_shards(downstream_root / "raw", ann, root / "shards" / split, "classification")
 
     args = base_args + [f"data.root={root}", "run.name=ft_list", "task=finetune_cls",
                         f"task.cls.classes=[{','.join(DIRECTIONS)}]", "train.max_steps=4",
@@ -212,12 +212,12 @@ def test_finetune_path_label_list(issue12_root, base_args, tmp_path):
     assert m["metrics"]["top4"] == 100.0
 
 
-def _ek100_files(issue12_root: Path, root: Path) -> tuple[list[dict], list[int], np.ndarray]:
+def _ek100_files(downstream_root: Path, root: Path) -> tuple[list[dict], list[int], np.ndarray]:
     """EK-100's retrieval_annotations over the test clips: the narrations CSV (rows in an order
     unrelated to the clips'), the sentence CSV and the relevancy pickle [videos, sentences]."""
     ann = root / "epic-kitchens-100-annotations" / "retrieval_annotations"
     (ann / "relevancy").mkdir(parents=True)
-    metas = _metas(issue12_root, "test")[:32]
+    metas = _metas(downstream_root, "test")[:32]
     order = [i for r in range(4) for i in range(r, len(metas), 4)]  # by direction, not by group
     rows = []
     for uid, i in enumerate(order):
@@ -272,7 +272,7 @@ def _mir_by_hand(sim_TV: torch.Tensor, rel_TV: np.ndarray) -> tuple[float, float
     return 100 * float(np.mean(aps)), 100 * float(np.mean(ndcgs))
 
 
-def test_ek100_mir_released_layout(issue12_root, base_args, pretrained, tmp_path, capsys):
+def test_ek100_mir_released_layout(downstream_root, base_args, pretrained, tmp_path, capsys):
     """EK-100 MIR with task=ek100_mir: its paths, relative to data.root, name the released
     files; shards made from the narrations CSV; rows matched to samples by narration_id."""
     from megavid.engine.checkpoint import find_checkpoint
@@ -280,16 +280,16 @@ def test_ek100_mir_released_layout(issue12_root, base_args, pretrained, tmp_path
     from megavid.tasks.features import load_features
 
     root = tmp_path / "ek100"
-    rows, sent, rel = _ek100_files(issue12_root, root)
+    rows, sent, rel = _ek100_files(downstream_root, root)
     ann = root / "epic-kitchens-100-annotations" / "retrieval_annotations"
-    _make_shards(issue12_root / "raw" / "test", ann / "EPIC_100_retrieval_test.csv",
+    _make_shards(downstream_root / "raw" / "test", ann / "EPIC_100_retrieval_test.csv",
                  root / "shards" / "test", "epic_kitchens")
     ckpt = find_checkpoint(pretrained)
     args = base_args + [f"data.root={root}", "run.name=ek100", "task=ek100_mir", "eval.split=test",
                         f"eval.checkpoint={ckpt}"]
     assert main(["eval-egocentric", *args]) == 0
     cfg = compose(args)
-    doc = _doc(cfg.run_dir / "eval" / "egocentric_test.json")
+    doc = _doc(cfg.run_dir / "eval" / "egocentric_test_step24.json")
     assert doc["checkpoint"]["sha256"] == file_sha256(ckpt)
     ek = doc["metrics"]["ek100_mir"]
 
@@ -313,7 +313,8 @@ def test_ek100_mir_released_layout(issue12_root, base_args, pretrained, tmp_path
     with open(ann / "relevancy" / "caption_relevancy_EPIC_100_retrieval_test.pkl", "wb") as f:
         pickle.dump(extra, f)
     capsys.readouterr()
-    assert main(["eval-egocentric", *args]) == 2  # a DataError, printed as one line
+    # (--overwrite: the first evaluation's results file is there)
+    assert main(["eval-egocentric", *args, "--overwrite"]) == 2  # a DataError, printed as one line
     err = capsys.readouterr().err
     assert "P09_01_1" in err and "make-shards" in err
 
@@ -325,7 +326,7 @@ def _clip(m: dict, start: float = 0.0, end: float = 1.0) -> dict:
             "clip_text": f"#C C {m['captions'][0]}", "tag_verb": "[0]", "tag_noun": "[1]"}
 
 
-def test_egomcq_released_layout(issue12_root, base_args, pretrained, tmp_path):
+def test_egomcq_released_layout(downstream_root, base_args, pretrained, tmp_path):
     """EgoMCQ with task=egomcq on EgoVLP's egomcq.json layout: its clips become a make-shards
     annotation through the module's tool, the questions find them by key; inter (types 1) and
     intra (types 2) accuracy equal the hand count from the reloaded features."""
@@ -334,7 +335,7 @@ def test_egomcq_released_layout(issue12_root, base_args, pretrained, tmp_path):
     from megavid.tasks.egocentric import main as egocentric_tool
     from megavid.tasks.features import load_features
 
-    metas = _metas(issue12_root, "test")[:32]
+    metas = _metas(downstream_root, "test")[:32]
     n_groups = len(metas) // 4
     data: dict[str, dict] = {}
     for g in range(n_groups):
@@ -356,14 +357,14 @@ def test_egomcq_released_layout(issue12_root, base_args, pretrained, tmp_path):
     clips = [json.loads(x) for x in (root / "clips.jsonl").read_text().splitlines()]
     # EgoClip's "#C" marker is dropped ("#C C opens" -> "C opens"), as make-shards' egoclip does
     assert len(clips) == len(metas) and clips[0]["caption"] == "C " + metas[0]["captions"][0]
-    _make_shards(issue12_root / "raw" / "test", root / "clips.jsonl", root / "shards" / "egomcq", "jsonl")
+    _make_shards(downstream_root / "raw" / "test", root / "clips.jsonl", root / "shards" / "egomcq", "jsonl")
 
     ckpt = find_checkpoint(pretrained)
     args = base_args + [f"data.root={root}", "run.name=egomcq", "task=egomcq",
                         "eval.split=egomcq", f"eval.checkpoint={ckpt}"]
     assert main(["eval-egocentric", *args]) == 0
     cfg = compose(args)
-    mcq = _doc(cfg.run_dir / "eval" / "egocentric_egomcq.json")["metrics"]["egomcq"]
+    mcq = _doc(cfg.run_dir / "eval" / "egocentric_egomcq_step24.json")["metrics"]["egomcq"]
 
     feats = load_features(cfg.run_dir / "features" / "egomcq")
     row = {k: i for i, k in enumerate(feats["keys"])}

@@ -4,8 +4,6 @@ must be the single-process one: every clip once, in the same order, the same vec
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,15 +12,13 @@ import torch
 
 from megavid.cli import main
 from megavid.config import compose
+from tests.helpers.multiprocess import free_port, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_extract_features_two_ranks_equal_one(base_args, pretrained, tmp_path):
     from megavid.engine.checkpoint import find_checkpoint
-    from megavid.engine.dist import _free_port
     from megavid.launch.commands import build_torchrun_cmd
     from megavid.tasks.features import load_features
 
@@ -33,14 +29,12 @@ def test_extract_features_two_ranks_equal_one(base_args, pretrained, tmp_path):
     one, two = common + ["run.name=feat_1rank"], common + ["run.name=feat_2ranks"]
     assert main(["extract-features", *one, "--overwrite"]) == 0
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    # the launcher's own torchrun line (c10d rendezvous, python -m megavid.cli), one node
+    # the launcher's own torchrun line (c10d rendezvous, python -m megavid.cli), one node, run
+    # as it is (it starts the 2 ranks itself)
     cmd = build_torchrun_cmd(["extract-features", *two, "--overwrite"], nnodes=1, nproc_per_node=2,
-                             rdzv_endpoint=f"127.0.0.1:{_free_port()}")
+                             rdzv_endpoint=f"127.0.0.1:{free_port()}")
     cmd[0] = str(Path(sys.executable).parent / "torchrun")
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("extract-features: 64 clips") == 1  # rank 0 reports, once
 

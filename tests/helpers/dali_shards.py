@@ -1,7 +1,5 @@
-"""Helpers of the DALI backend tests: small real VP9 (and H.264) shards written to tmp dirs.
-
-(A uniquely named module rather than ``from conftest import``: several test folders have a
-conftest.py, and only one of them can be the module named ``conftest`` at a time.)
+"""Helpers of the DALI backend tests (tests/unit/data_dali): small real VP9 (and H.264) shards
+written to tmp dirs.
 
 Videos are encoded with PyAV (libvpx-vp9 / libx264) and written with the project's shard
 writer (``megavid.shards.writer.write_shards``), so the tars, ``.idx`` files and

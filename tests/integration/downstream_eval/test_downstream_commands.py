@@ -1,7 +1,9 @@
-"""Issue #12 commands end to end on the synthetic data (real VP9 shards, real DeepSpeed runs,
-the real MiniLM tokenizer): eval-zeroshot-cls, linear-probe, extract-features (finetune-cls and
-eval-egocentric on the released annotation formats: test_issue12_formats.py). Every results JSON must name the checkpoint's sha256, and every reported
-number is recomputed here from an independent path (the reloaded features, the model itself).
+"""The downstream evaluation commands end to end on the synthetic data (real VP9 shards, real
+DeepSpeed runs, the real MiniLM tokenizer): eval-zeroshot-cls, linear-probe, extract-features
+(finetune-cls and eval-egocentric on the released annotation formats:
+test_downstream_released_formats.py). Every results JSON must name the checkpoint's sha256, and
+every reported number is recomputed here from an independent path (the reloaded features, the
+model itself).
 """
 
 from __future__ import annotations
@@ -76,13 +78,13 @@ def test_zeroshot_classification(base_args, pretrained):
     from megavid.eval.results import file_sha256
     from megavid.models import build_model
     from megavid.tasks.base import VideoTextTask
-    from megavid.tasks.classification import zeroshot_classifier
+    from megavid.tasks.zeroshot_cls import zeroshot_classifier
     from megavid.tasks.features import load_features
 
     args = base_args + ["run.name=pre", "task=cls_synthetic_colour", "eval.split=val"]
     assert main(["eval-zeroshot-cls", *args]) == 0
     cfg = compose(args)
-    doc = _doc(cfg.run_dir / "eval" / "zeroshot_cls_val.json")
+    doc = _doc(cfg.run_dir / "eval" / "zeroshot_cls_val_step24.json")
     assert doc["checkpoint"]["sha256"] == file_sha256(_ckpt_dir(cfg.run_dir))
     m = doc["metrics"]
     assert m["num_samples"] == 64 and m["chance"]["top1"] == pytest.approx(12.5)
@@ -113,7 +115,7 @@ def test_linear_probe_trained_beats_random_encoder(base_args, pretrained):
                             f"eval.checkpoint={ckpt}", "eval.split=test"]
         assert main(["linear-probe", *args]) == 0
         cfg = compose(args)
-        out = cfg.run_dir / "eval" / "linear_probe_test.json"
+        out = cfg.run_dir / "eval" / f"linear_probe_test_{'step24' if name == 'trained' else 'random'}.json"
         docs[name] = _doc(out)
         scores_file = out.with_name(docs[name]["metrics"]["scores"]["file"])
         assert file_sha256(scores_file) == docs[name]["metrics"]["scores"]["sha256"]
@@ -132,7 +134,10 @@ def test_linear_probe_trained_beats_random_encoder(base_args, pretrained):
         if name == "random":
             continue
         # features are cached: a second run reuses them (same checkpoint hash) and agrees
+        # (the results file is refused unless replaced, and --overwrite would re-extract)
         cached = (cfg.run_dir / "features" / "train" / "extract.json").stat().st_mtime_ns
+        assert main(["linear-probe", *args]) == 2
+        out.unlink()
         assert main(["linear-probe", *args]) == 0
         assert (cfg.run_dir / "features" / "train" / "extract.json").stat().st_mtime_ns == cached
         assert _doc(out)["metrics"]["metrics"] == docs[name]["metrics"]["metrics"]
