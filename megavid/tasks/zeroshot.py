@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +41,6 @@ class EncodedSplit:
     video_tokens: torch.Tensor | None = None  # [N, S, Dv] (for VTM re-ranking)
     text_hidden: torch.Tensor | None = None  # [Q, L, Dt]
     text_mask: torch.Tensor | None = None  # [Q, L]
-    extras: dict = field(default_factory=dict)
 
 
 def build_queries(captions: list[list[str]], mode: str) -> tuple[list[str], torch.Tensor]:
