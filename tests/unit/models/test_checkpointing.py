@@ -13,21 +13,9 @@ import torch
 
 from megavid.models import build_model
 from megavid.models.timesformer import TimeSformer
+from tests.helpers.autograd import saved_tensor_bytes
 
 MODES = ("full", "attention", "mlp")
-
-
-def _saved_bytes(fn) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
@@ -42,7 +30,7 @@ def test_videolm_modes_same_loss_and_grads_and_save_between_none_and_full(make_c
     batch = make_batch(cfg, B=3)
     ref = build_model(cfg)
     loss_ref, grads_ref = _loss_and_grads(ref, batch)
-    saved = {"none": _saved_bytes(lambda: (torch.manual_seed(3), ref(*batch)))}
+    saved = {"none": saved_tensor_bytes(lambda: (torch.manual_seed(3), ref(*batch)))}
     for mode in MODES:
         model = build_model(cfg)
         model.load_state_dict(ref.state_dict())
@@ -56,7 +44,7 @@ def test_videolm_modes_same_loss_and_grads_and_save_between_none_and_full(make_c
                 assert grads[n] is None, n
             else:
                 torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4, msg=n)
-        saved[mode] = _saved_bytes(lambda: (torch.manual_seed(3), model(*batch)))
+        saved[mode] = saved_tensor_bytes(lambda: (torch.manual_seed(3), model(*batch)))
     # selective modes keep part of each block's activations: between full and none
     assert saved["full"] < saved["attention"] < saved["none"], saved
     assert saved["full"] < saved["mlp"] < saved["none"], saved
@@ -64,7 +52,7 @@ def test_videolm_modes_same_loss_and_grads_and_save_between_none_and_full(make_c
     model = build_model(cfg)
     model.set_grad_checkpointing(2, "attention")
     assert [b.checkpoint_mode for b in model.video_encoder.blocks] == ["attention", None]
-    assert saved["attention"] < _saved_bytes(lambda: (torch.manual_seed(3), model(*batch))) < saved["none"]
+    assert saved["attention"] < saved_tensor_bytes(lambda: (torch.manual_seed(3), model(*batch))) < saved["none"]
 
 
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time", "space_only"])
@@ -89,7 +77,7 @@ def test_timesformer_attention_mode_every_attention_type(attention_type: str) ->
     torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
     for (n, p), q in zip(ck.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
-    assert _saved_bytes(lambda: ck(x)) < _saved_bytes(lambda: ref(x))
+    assert saved_tensor_bytes(lambda: ck(x)) < saved_tensor_bytes(lambda: ref(x))
 
 
 def test_unknown_mode_and_fused_divided_block_refused(make_cfg, make_batch) -> None:

@@ -15,25 +15,13 @@ import torch.nn.functional as F
 from megavid.engine.parallelize import apply_activation_checkpointing
 from megavid.models.classifier import VideoClassifier
 from megavid.models.timesformer import build_timesformer
+from tests.helpers.autograd import saved_tensor_bytes
 
 
 def _classifier(make_cfg) -> VideoClassifier:
     cfg = make_cfg()
     torch.manual_seed(0)
     return VideoClassifier(build_timesformer(cfg.video), cfg.video.embed_dim, num_classes=5)
-
-
-def _saved_bytes(model: VideoClassifier, video: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(video)
-    return total
 
 
 @pytest.mark.parametrize("mode", ["attention", "mlp", "full"])
@@ -56,4 +44,4 @@ def test_checkpointing_mode_reaches_the_tower_with_the_same_gradients(make_cfg, 
         else:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
     # fewer activations kept for backward than without checkpointing
-    assert _saved_bytes(model, video) < _saved_bytes(ref, video)
+    assert saved_tensor_bytes(lambda: model(video)) < saved_tensor_bytes(lambda: ref(video))
